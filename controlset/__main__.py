@@ -1,0 +1,3 @@
+from controlset.cli import main
+
+raise SystemExit(main())
