@@ -19,6 +19,8 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from schemas.errors import UsageError
+
 
 @dataclass
 class Annotation:
@@ -41,7 +43,7 @@ class AnnotatorError(Exception):
     """Base class for errors raised by annotators."""
 
 
-class MissingWeightsError(AnnotatorError, FileNotFoundError):
+class MissingWeightsError(AnnotatorError, UsageError, FileNotFoundError):
     """Model weights are not where they were looked for.
 
     The message names the missing file(s), the places searched and how to get

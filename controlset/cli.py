@@ -13,6 +13,7 @@ import logging
 import sys
 
 from controlset import __version__
+from schemas.errors import UsageError
 
 # Modules that contribute subcommands, each with ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -20,10 +21,6 @@ _COMMAND_MODULES = (
     "annotators.cli",
     "training.cli",
 )
-
-
-class UsageError(Exception):
-    """Bad usage: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ from schemas.sample import (
     is_valid_key,
     member_condition,
 )
+from schemas.errors import UsageError
 from schemas.records import (
     FAILED,
     FAILURE_SCHEMA,
@@ -47,6 +48,7 @@ __all__ = [
     "ManifestRow",
     "SCHEMA_VERSION",
     "TEXT_MEMBER",
+    "UsageError",
     "condition_member",
     "content_key",
     "is_valid_key",
