@@ -23,6 +23,12 @@ _COMMAND_MODULES = (
 )
 
 
+def _drop_import_noise(record: logging.LogRecord) -> bool:
+    # Beam warns at import time about optional GCP client libraries that a
+    # local run never uses.
+    return "apitools not found" not in record.getMessage()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="controlset",
@@ -56,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_import_noise)
     if not args.verbose:
         # Beam and absl are chatty at INFO.
         for noisy in ("apache_beam", "absl", "urllib3", "httpx", "filelock"):

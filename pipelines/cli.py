@@ -1,0 +1,188 @@
+"""``controlset annotate``, ``controlset preview`` and ``controlset validate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import yaml
+
+from schemas.errors import UsageError
+
+# Options shared by every neural annotator that accepts them.
+_COMMON_NEURAL = ("weights", "device", "precision")
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_annotator_options(
+    names: list[str], sets: list[str], common: dict[str, Any], config: dict[str, Any] | None = None
+) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """(name, options) pairs from ``--annotators``, ``--set NAME.OPT=VALUE``,
+    the common ``--weights/--device/--precision`` flags and a config file's
+    ``annotators:`` mapping (flags win over the file)."""
+    from annotators import get_annotator_class
+
+    per: dict[str, dict[str, Any]] = {n: dict((config or {}).get(n) or {}) for n in names}
+    for item in sets:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UsageError(f"--set expects NAME.OPTION=VALUE, got {item!r}")
+        lhs, value = item.split("=", 1)
+        name, option = lhs.split(".", 1)
+        if name not in per:
+            raise UsageError(f"--set {item!r} names annotator {name!r}, which is not selected")
+        per[name][option] = _parse_value(value)
+    out = []
+    for name in names:
+        try:
+            accepted = get_annotator_class(name).option_names()
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        options = per[name]
+        for opt, value in common.items():
+            if value is not None and opt in accepted:
+                options.setdefault(opt, value)
+        out.append((name, options))
+    return tuple(out)
+
+
+def _annotator_names(text: str) -> list[str]:
+    from annotators import list_annotators
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list_annotators()
+    if not names:
+        raise UsageError("--annotators needs at least one name")
+    return names
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path!r} must be a mapping")
+    return data
+
+
+def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
+    from pipelines.options import AnnotateOptions
+    from pipelines.run import run_annotate
+
+    config = _load_config(args.config)
+    names = _annotator_names(args.annotators or ",".join(config.get("annotators", {}) or ["canny"]))
+    annotators = parse_annotator_options(
+        names, args.set or [],
+        {"weights": args.weights, "device": args.device, "precision": args.precision},
+        config.get("annotators") if isinstance(config.get("annotators"), dict) else None,
+    )
+    from pipelines.beam import unknown_beam_args
+
+    unknown = unknown_beam_args(extra)
+    if unknown:
+        raise UsageError(f"unrecognized arguments (neither controlset nor Beam options): {' '.join(unknown)}")
+    try:
+        opts = AnnotateOptions(
+            inputs=tuple(args.inputs),
+            output=args.output,
+            annotators=annotators,
+            resolution=args.resolution,
+            crop=args.crop,
+            shard_size=args.shard_size,
+            prefix=args.prefix,
+            min_size=args.min_size,
+            max_aspect=args.max_aspect,
+            batch_size=args.batch_size,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    stats = run_annotate(opts, extra)
+    print_summary(stats, args.output)
+    return 0
+
+
+def print_summary(stats: dict[str, Any], output: str) -> None:
+    rate = stats["inputs"] / stats["seconds"] if stats.get("seconds") else 0.0
+    print(
+        f"controlset: {stats['inputs']} inputs -> {stats['written']} written, "
+        f"{stats['filtered']} filtered, {stats['failed']} failed "
+        f"in {stats.get('seconds', 0):.1f}s ({rate:.1f} inputs/s)"
+    )
+    for label, key in (("filtered", "filtered_by_reason"), ("failed", "failed_by_reason")):
+        if stats.get(key):
+            reasons = ", ".join(f"{r}: {n}" for r, n in stats[key].items())
+            print(f"  {label}: {reasons}")
+    print(f"  {stats['shards']} shard(s) in {output} (stats.json, failures.parquet, filtered.parquet)")
+
+
+def cmd_preview(args: argparse.Namespace, extra: list[str]) -> int:
+    from pipelines.preview import make_contact_sheet
+
+    path = make_contact_sheet(args.dataset, args.output, samples=args.samples, cell=args.cell)
+    print(f"preview written to {path}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, extra: list[str]) -> int:
+    from pipelines.validate import validate_dataset
+
+    report = validate_dataset(args.dataset)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "annotate",
+        help="build WebDataset shards of images and their control conditions",
+        description=(
+            "Read images (folders, globs, fsspec URLs, WebDataset tars), normalise them, run the "
+            "selected annotators and write WebDataset shards with manifests, failure records and "
+            "stats.json. Any further --option is passed to Apache Beam (e.g. --runner, "
+            "--direct_running_mode=multi_processing, --direct_num_workers=N)."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folder, glob, file or fsspec URL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder or URL")
+    p.add_argument("--annotators", default=None,
+                   help="comma-separated annotator names, or 'all' (default: canny)")
+    p.add_argument("--set", action="append", metavar="NAME.OPTION=VALUE",
+                   help="annotator option, e.g. canny.random_thresholds=true (repeatable)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML with an 'annotators' mapping of options")
+    p.add_argument("--resolution", type=int, default=512, help="output short side (default 512)")
+    p.add_argument("--crop", choices=("center", "none"), default="center",
+                   help="center: square crop (default); none: keep aspect, sides multiples of 64")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
+    p.add_argument("--min-size", type=int, default=256, help="filter images whose shorter side is smaller")
+    p.add_argument("--max-aspect", type=float, default=3.0, help="filter images with a larger aspect ratio")
+    p.add_argument("--batch-size", type=int, default=16, help="images per annotator batch")
+    p.add_argument("--weights", default=None, help="folder with annotator weights (neural annotators)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="default: bf16 on GPU, fp32 on CPU")
+    p.set_defaults(func=cmd_annotate, passthrough=True)
+
+    p = sub.add_parser("preview", help="contact sheet of a few samples of a dataset")
+    p.add_argument("dataset", metavar="OUT", help="folder written by 'controlset annotate'")
+    p.add_argument("-o", "--output", default=None, help="PNG path (default OUT/preview.png)")
+    p.add_argument("-n", "--samples", type=int, default=6, help="number of samples (default 6)")
+    p.add_argument("--cell", type=int, default=192, help="cell size in pixels (default 192)")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("validate", help="check shards, manifests and stats of a dataset")
+    p.add_argument("dataset", metavar="OUT", help="folder written by 'controlset annotate'")
+    p.set_defaults(func=cmd_validate)

@@ -1,0 +1,63 @@
+"""The options of an annotate run, as one typed, serialisable value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from schemas.codec import JPEG_QUALITY
+from schemas.sample import SCHEMA_VERSION
+
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AnnotateOptions:
+    """Everything that decides what an annotate run writes.
+
+    ``annotators`` is a tuple of ``(name, options)`` pairs, in the order given.
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    annotators: tuple[tuple[str, dict[str, Any]], ...] = (("canny", {}),)
+    resolution: int = 512
+    crop: str = "center"
+    shard_size: int = 1000
+    prefix: str = "shard"
+    min_size: int = 256
+    max_aspect: float = 3.0
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    batch_size: int = 16
+    jpeg_quality: int = JPEG_QUALITY
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.resolution < 64 or self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
+        if self.shard_size < 1:
+            raise ValueError(f"shard size must be >= 1, got {self.shard_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max aspect must be >= 1, got {self.max_aspect}")
+        if not self.prefix or any(c in self.prefix for c in "/.\\ "):
+            raise ValueError(f"shard prefix must be a plain name without dots, got {self.prefix!r}")
+
+    def fingerprint(self, annotator_descriptions: dict[str, dict]) -> dict[str, Any]:
+        """What, besides the samples themselves, decides a shard's bytes.
+
+        Used in each shard's plan digest, so a rerun with other options
+        rewrites shards instead of keeping stale ones.
+        """
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "resolution": self.resolution,
+            "crop": self.crop,
+            "shard_size": self.shard_size,
+            "jpeg_quality": self.jpeg_quality,
+            "annotators": annotator_descriptions,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,63 @@
+"""``run_annotate``: the annotate command as a function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from typing import Any
+
+import apache_beam as beam
+
+from annotators import create_annotator
+from pipelines.beam import build_pipeline, pipeline_options
+from pipelines.finalize import STATS_FILE
+from pipelines.options import AnnotateOptions
+from pipelines.sources import discover, open_output_fs
+from schemas.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def describe_annotators(opts: AnnotateOptions) -> dict[str, dict]:
+    """Create each annotator (without loading models) to validate names and
+    options up front and to record versions and parameters."""
+    out = {}
+    for name, options in opts.annotators:
+        try:
+            annotator = create_annotator(name, **options)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from exc
+        out[name] = annotator.describe()
+    return out
+
+
+def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Run the annotate pipeline and return the stats written to ``stats.json``.
+
+    Raises :class:`UsageError` for bad usage (missing input, unknown
+    annotator, unwritable output) before any work starts. Bad input files
+    never raise: they become failure or filter records.
+    """
+    if not opts.annotators:
+        raise UsageError("no annotators selected")
+    names = [n for n, _ in opts.annotators]
+    if len(set(names)) != len(names):
+        raise UsageError(f"annotator listed twice: {', '.join(names)}")
+    descriptions = describe_annotators(opts)
+    refs = discover(list(opts.inputs))
+    if not refs:
+        raise UsageError(f"no images or tar shards found in {', '.join(opts.inputs)}")
+    fs, root = open_output_fs(opts.output)
+    fingerprint = opts.fingerprint(descriptions)
+    run_info = {"annotators": names, "options": fingerprint}
+    started = time.perf_counter()
+    log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
+    with beam.Pipeline(options=pipeline_options(beam_args or [])) as p:
+        build_pipeline(p, opts, refs, fingerprint, run_info)
+    elapsed = time.perf_counter() - started
+    with fs.open(posixpath.join(root, STATS_FILE), "rb") as f:
+        stats = json.load(f)
+    stats["seconds"] = elapsed
+    return stats

@@ -1,0 +1,244 @@
+"""Finding inputs (folders, globs, fsspec URLs, WebDataset tars) and reading them.
+
+Discovery runs once, on the machine that launches the pipeline; reading runs
+inside the pipeline's workers. Both go through fsspec, so ``gs://``, ``s3://``
+and local paths behave the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from schemas.errors import UsageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
+CAPTION_EXTENSION = ".txt"
+_GLOB_CHARS = "*?["
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """One discovered input: an image file or a WebDataset tar.
+
+    ``source`` is the path or URL as the user gave it (joined with the
+    sub-path for folders); ``caption`` is the path of a sidecar ``<stem>.txt``.
+    """
+
+    source: str
+    kind: str  # "image" or "tar"
+    caption: str | None = None
+
+
+@dataclass(frozen=True)
+class Location:
+    """How to read an image's bytes again later in the pipeline.
+
+    ``offset``/``size`` address a member inside an uncompressed tar;
+    ``data`` carries the bytes for members of compressed tars, which cannot
+    be seeked into.
+    """
+
+    url: str
+    offset: int | None = None
+    size: int | None = None
+    data: bytes | None = None
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _lower_ext(path: str) -> str:
+    name = posixpath.basename(path).lower()
+    for ext in TAR_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    return posixpath.splitext(name)[1]
+
+
+def _classify(sources: list[str]) -> list[InputRef]:
+    """Turn file paths into InputRefs, pairing ``<stem>.txt`` captions with
+    images of the same folder and stem."""
+    captions: dict[str, str] = {}
+    for source in sources:
+        if source.lower().endswith(CAPTION_EXTENSION):
+            captions[os.path.splitext(source)[0]] = source
+    refs = []
+    for source in sources:
+        ext = _lower_ext(source)
+        if ext in IMAGE_EXTENSIONS:
+            refs.append(InputRef(source, "image", captions.get(os.path.splitext(source)[0])))
+        elif ext in TAR_EXTENSIONS:
+            refs.append(InputRef(source, "tar"))
+    return refs
+
+
+def _expand_local(given: str) -> list[str]:
+    if any(c in given for c in _GLOB_CHARS):
+        hits = sorted(glob.glob(given, recursive=True))
+        if not hits:
+            raise UsageError(f"input pattern {given!r} matches no files")
+    elif os.path.exists(given):
+        hits = [given]
+    else:
+        raise UsageError(f"input {given!r} does not exist")
+    files = []
+    for hit in hits:
+        if os.path.isdir(hit):
+            for dirpath, dirnames, filenames in os.walk(hit):
+                dirnames.sort()
+                files += [os.path.join(dirpath, name) for name in filenames]
+        elif os.path.isfile(hit):
+            files.append(hit)
+    return [os.path.normpath(f) for f in files]
+
+
+def _expand_url(given: str) -> list[str]:
+    try:
+        fs, path = url_to_fs(given)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"cannot open input {given!r}: {exc}") from exc
+    if any(c in path for c in _GLOB_CHARS):
+        hits = sorted(fs.glob(path))
+        if not hits:
+            raise UsageError(f"input pattern {given!r} matches no files")
+    elif fs.exists(path):
+        hits = [path]
+    else:
+        raise UsageError(f"input {given!r} does not exist")
+    files = []
+    for hit in hits:
+        files += sorted(fs.find(hit)) if fs.isdir(hit) else [hit]
+    return [fs.unstrip_protocol(f) for f in files]
+
+
+def discover(inputs: list[str]) -> list[InputRef]:
+    """Expand INPUT arguments into a sorted, de-duplicated list of inputs.
+
+    Each INPUT is a folder (searched recursively), a glob, or a single file,
+    locally or as an fsspec URL. Sources keep the form the user gave (a local
+    folder ``photos`` gives ``photos/a/b.jpg``). Raises :class:`UsageError`
+    for an input that does not exist or matches nothing.
+    """
+    found: set[str] = set()
+    for given in inputs:
+        found.update(_expand_url(given) if _is_url(given) else _expand_local(given))
+    return _classify(sorted(found))
+
+
+def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
+    """Read a whole file through fsspec, refusing files over ``max_bytes``."""
+    with fsspec.open(url, "rb") as f:
+        if max_bytes is not None:
+            data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise FileTooLargeError(f"file is larger than the {max_bytes}-byte limit")
+            return data
+        return f.read()
+
+
+def read_location(loc: Location, max_bytes: int | None = None) -> bytes:
+    """The bytes of an image, wherever they live."""
+    if loc.data is not None:
+        return loc.data
+    if loc.offset is None:
+        return read_bytes(loc.url, max_bytes)
+    with fsspec.open(loc.url, "rb") as f:
+        f.seek(loc.offset)
+        data = f.read(loc.size)
+    if len(data) != loc.size:
+        raise OSError(f"short read of tar member at offset {loc.offset} in {loc.url}")
+    return data
+
+
+class FileTooLargeError(OSError):
+    pass
+
+
+@dataclass
+class TarSample:
+    """One WebDataset sample found in a tar: its key and member locations.
+
+    ``unsafe`` is set for a member whose name is absolute or contains ``..``:
+    such members are never read, only reported (``key`` is then its name).
+    """
+
+    key: str
+    members: dict[str, Location]
+    unsafe: bool = False
+
+
+def _safe_member_name(name: str) -> bool:
+    parts = name.replace("\\", "/").split("/")
+    return not name.startswith(("/", "\\")) and ".." not in parts
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename."""
+    dirname, base = posixpath.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (posixpath.join(dirname, stem) if dirname else stem), ext
+
+
+def iter_tar_samples(url: str) -> Iterator[TarSample]:
+    """Group a tar's members into WebDataset samples, in tar order.
+
+    Uncompressed tars are indexed by offset (bytes are read later, on
+    demand); compressed tars are streamed and their members carried in memory.
+    """
+    compressed = not url.lower().endswith(".tar")
+    with fsspec.open(url, "rb") as f:
+        with tarfile.open(fileobj=f, mode="r|*" if compressed else "r:") as tf:
+            current: TarSample | None = None
+            for info in tf:
+                if not info.isfile():
+                    continue
+                if not _safe_member_name(info.name):
+                    yield TarSample(key=info.name, members={}, unsafe=True)
+                    continue
+                key, ext = _split_member(info.name)
+                if current is not None and current.key != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = TarSample(key=key, members={})
+                if compressed:
+                    current.members[ext] = Location(url, data=tf.extractfile(info).read())
+                else:
+                    current.members[ext] = Location(url, offset=info.offset_data, size=info.size)
+            if current is not None:
+                yield current
+
+
+def read_member_text(loc: Location) -> str:
+    return read_location(loc).decode("utf-8", errors="replace")
+
+
+def open_output_fs(out: str):
+    """(filesystem, root path) for an output location, creating it if needed."""
+    fs, root = url_to_fs(out)
+    try:
+        fs.makedirs(root, exist_ok=True)
+    except Exception as exc:
+        raise UsageError(f"cannot create output {out!r}: {exc}") from exc
+    probe = posixpath.join(root, f".controlset-write-test-{os.getpid()}")
+    try:
+        with fs.open(probe, "wb") as f:
+            f.write(b"ok")
+        fs.rm(probe)
+    except Exception as exc:
+        raise UsageError(f"output {out!r} is not writable: {exc}") from exc
+    return fs, root
+
+

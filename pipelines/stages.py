@@ -1,0 +1,314 @@
+"""The per-element work of the annotate pipeline, as plain functions.
+
+Every stage has one shape: it takes an element and yields results or
+:class:`schemas.FailureRecord` values, never raising for a bad input. The Beam
+pipeline (``pipelines.beam``) only wires these together, so they are easy to
+test and to reuse outside Beam.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from annotators import Annotation, Annotator
+from pipelines.decode import DecodeError, apply_geometry, decode_rgb, plan_geometry, probe_image
+from pipelines.options import AnnotateOptions
+from pipelines.sources import (
+    IMAGE_EXTENSIONS,
+    FileTooLargeError,
+    InputRef,
+    Location,
+    iter_tar_samples,
+    read_bytes,
+    read_location,
+)
+from schemas import FAILED, FILTERED, FailureRecord, ManifestRow, build_metadata, content_key
+from schemas.codec import encode_jpeg, encode_member
+
+log = logging.getLogger(__name__)
+
+_TAR_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An input that passed probing and filtering: light enough to shuffle.
+
+    Pixels are not carried; ``location`` says how to read the bytes again.
+    """
+
+    key: str
+    source: str
+    location: Location
+    caption: str
+    caption_source: str | None
+    width: int
+    height: int
+
+
+@dataclass
+class Decoded:
+    """A candidate decoded and brought to the output geometry."""
+
+    candidate: Candidate
+    image: np.ndarray
+    crop_box: tuple[int, int, int, int]
+    frames: int
+
+
+@dataclass
+class EncodedSample:
+    """A finished sample: member name -> bytes, plus its manifest row."""
+
+    key: str
+    members: dict[str, bytes]
+    row: ManifestRow
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- probe & filter
+
+
+def _filter(c: Candidate, opts: AnnotateOptions) -> FailureRecord | None:
+    short, long = sorted((c.width, c.height))
+    if short < opts.min_size:
+        return FailureRecord(
+            c.source, FILTERED, "filter", "too_small",
+            f"shorter side {short}px is below the minimum of {opts.min_size}px", key=c.key,
+        )
+    if long / short > opts.max_aspect:
+        return FailureRecord(
+            c.source, FILTERED, "filter", "aspect_ratio",
+            f"aspect ratio {long / short:.2f} exceeds the maximum of {opts.max_aspect:g}", key=c.key,
+        )
+    return None
+
+
+def _candidate(
+    source: str, location: Location, data: bytes, caption: str, caption_source: str | None,
+    opts: AnnotateOptions,
+) -> Candidate | FailureRecord:
+    key = content_key(data)
+    try:
+        header = probe_image(data)
+    except DecodeError as exc:
+        return FailureRecord(source, FAILED, "decode", exc.reason, str(exc), key=key,
+                             error_type="DecodeError")
+    cand = Candidate(key, source, location, caption, caption_source, header.width, header.height)
+    return _filter(cand, opts) or cand
+
+
+def _read_caption(url: str) -> str | None:
+    try:
+        return read_bytes(url, 1 << 20).decode("utf-8", errors="replace").strip()
+    except Exception as exc:  # a broken caption file should not cost the image
+        log.warning("cannot read caption %s: %s", url, exc)
+        return None
+
+
+def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
+    """Read one input (an image, or every sample of a tar), compute content
+    keys, read headers and apply the size/aspect filters."""
+    if ref.kind == "tar":
+        yield from _probe_tar(ref, opts)
+        return
+    try:
+        data = read_bytes(ref.source, opts.max_file_bytes)
+    except FileTooLargeError as exc:
+        yield FailureRecord(ref.source, FAILED, "read", "file_too_large", str(exc),
+                            error_type=type(exc).__name__)
+        return
+    except Exception as exc:
+        yield FailureRecord.from_exception(ref.source, "read", "read_error", exc)
+        return
+    caption = _read_caption(ref.caption) if ref.caption else None
+    yield _candidate(ref.source, Location(ref.source), data, caption or "",
+                     "sidecar" if caption is not None else None, opts)
+
+
+def _probe_tar(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
+    try:
+        for sample in iter_tar_samples(ref.source):
+            source = f"{ref.source}#{sample.key}"
+            if sample.unsafe:
+                yield FailureRecord(source, FILTERED, "read", "unsafe_tar_member",
+                                    "tar member with an absolute path or '..' was not read")
+                continue
+            image_ext = next((e for e in _TAR_IMAGE_EXTS if e in sample.members), None)
+            if image_ext is None:
+                yield FailureRecord(
+                    source, FAILED, "read", "no_image_member",
+                    f"sample has no image member (members: {', '.join(sorted(sample.members)) or 'none'})",
+                )
+                continue
+            loc = sample.members[image_ext]
+            try:
+                if loc.size is not None and loc.size > opts.max_file_bytes:
+                    raise FileTooLargeError(f"member is larger than the {opts.max_file_bytes}-byte limit")
+                data = read_location(loc)
+                caption = None
+                if "txt" in sample.members:
+                    caption = read_location(sample.members["txt"]).decode("utf-8", errors="replace").strip()
+            except Exception as exc:
+                reason = "file_too_large" if isinstance(exc, FileTooLargeError) else "read_error"
+                yield FailureRecord.from_exception(source, "read", reason, exc)
+                continue
+            yield _candidate(source, loc, data, caption or "", "tar" if caption is not None else None, opts)
+    except Exception as exc:
+        # Samples yielded before the damage stand; the tar itself is one failure.
+        yield FailureRecord.from_exception(ref.source, "read", "bad_tar", exc)
+
+
+# ------------------------------------------------------------------------ dedup
+
+
+def choose_duplicate(key: str, group: Sequence[Candidate]) -> tuple[Candidate, list[FailureRecord]]:
+    """Keep one candidate per content key (the smallest source, so the choice
+    is the same on every run); the others become ``duplicate`` records."""
+    ordered = sorted(group, key=lambda c: c.source)
+    kept = ordered[0]
+    dropped = [
+        FailureRecord(c.source, FILTERED, "dedup", "duplicate",
+                      f"same content as {kept.source}", key=key)
+        for c in ordered[1:]
+    ]
+    return kept, dropped
+
+
+# ----------------------------------------------------------------------- decode
+
+
+def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRecord:
+    """Read the bytes again, decode fully and bring to the output geometry."""
+    try:
+        data = read_location(c.location, opts.max_file_bytes)
+    except Exception as exc:
+        return FailureRecord.from_exception(c.source, "read", "read_error", exc, key=c.key)
+    try:
+        rgb, header = decode_rgb(data)
+    except DecodeError as exc:
+        return FailureRecord(c.source, FAILED, "decode", exc.reason, str(exc), key=c.key,
+                             error_type="DecodeError")
+    try:
+        box, size = plan_geometry(rgb.shape[1], rgb.shape[0], opts.resolution, opts.crop)
+        image = apply_geometry(rgb, box, size)
+    except Exception as exc:
+        return FailureRecord.from_exception(c.source, "decode", "resize_error", exc, key=c.key)
+    return Decoded(c, image, box, header.frames)
+
+
+# --------------------------------------------------------------------- annotate
+
+
+def annotate_decoded(
+    batch: Sequence[Decoded], annotators: Sequence[Annotator]
+) -> list[tuple[Decoded, dict[str, Annotation]] | FailureRecord]:
+    """Run every annotator over a batch. If an annotator fails on the batch,
+    it is retried image by image so one bad image costs only itself."""
+    results: list[dict[str, Annotation] | FailureRecord] = [{} for _ in batch]
+    for annotator in annotators:
+        live = [i for i, r in enumerate(results) if not isinstance(r, FailureRecord)]
+        if not live:
+            break
+        images = [batch[i].image for i in live]
+        keys = [batch[i].candidate.key for i in live]
+        try:
+            outs = annotator.annotate_batch(images, keys)
+            if len(outs) != len(live):
+                raise RuntimeError(f"returned {len(outs)} results for {len(live)} images")
+            pairs = list(zip(live, outs))
+        except Exception:
+            pairs = []
+            for i in live:
+                try:
+                    pairs.append((i, annotator.annotate_batch([batch[i].image], [batch[i].candidate.key])[0]))
+                except Exception as exc:
+                    c = batch[i].candidate
+                    results[i] = FailureRecord(
+                        c.source, FAILED, "annotate", "annotator_error",
+                        f"{annotator.name}: {type(exc).__name__}: {exc}", key=c.key,
+                        error_type=type(exc).__name__,
+                    )
+        for i, ann in pairs:
+            results[i][annotator.name] = ann  # type: ignore[index]
+    return [r if isinstance(r, FailureRecord) else (batch[i], r) for i, r in enumerate(results)]
+
+
+# ----------------------------------------------------------------------- encode
+
+
+def encode_sample(
+    decoded: Decoded,
+    annotations: dict[str, Annotation],
+    annotators: Sequence[Annotator],
+    opts: AnnotateOptions,
+    shard_name: str,
+) -> EncodedSample | FailureRecord:
+    """Encode the image, conditions, caption and metadata into member bytes."""
+    c = decoded.candidate
+    try:
+        h, w = decoded.image.shape[:2]
+        members: dict[str, bytes] = {"jpg": encode_jpeg(decoded.image, opts.jpeg_quality)}
+        caption = c.caption
+        ann_meta: dict[str, dict] = {}
+        conditions: list[str] = []
+        for annotator in annotators:
+            ann = annotations[annotator.name]
+            desc = annotator.describe()
+            desc.update(ann.meta)
+            ann_meta[annotator.name] = desc
+            for name, value in ann.members.items():
+                if name == "txt":
+                    caption = str(value)
+                    continue
+                if name.endswith(".png"):
+                    arr = np.asarray(value)
+                    if arr.shape[:2] != (h, w):
+                        raise ValueError(f"{annotator.name} wrote {name} of shape {arr.shape}, expected {h}x{w}")
+                    conditions.append(name[: -len(".png")])
+                members[name] = encode_member(name, value)
+        meta = build_metadata(
+            key=c.key,
+            source=c.source,
+            original_size=(c.width, c.height),
+            crop_box=decoded.crop_box,
+            size=(w, h),
+            resolution=opts.resolution,
+            crop=opts.crop,
+            caption_source=c.caption_source,
+            annotators=ann_meta,
+            extra={"frames": decoded.frames} if decoded.frames > 1 else None,
+        )
+        members["txt"] = caption.encode("utf-8")
+        members["json"] = encode_member("json", meta)
+    except Exception as exc:
+        return FailureRecord.from_exception(c.source, "encode", "encode_error", exc, key=c.key)
+    row = ManifestRow(
+        key=c.key, source=c.source, shard=shard_name,
+        original_width=c.width, original_height=c.height, width=w, height=h,
+        caption=caption, conditions=sorted(conditions), members=sorted(members),
+        bytes=sum(len(v) for v in members.values()),
+    )
+    return EncodedSample(c.key, members, row)
+
+
+# --------------------------------------------------------------------- planning
+
+
+def plan_digest(fingerprint_json: str, candidates: Sequence[Candidate]) -> str:
+    """Digest of everything that decides a shard's bytes: the run's options
+    and the (key, source, caption) of each planned sample."""
+    h = hashlib.sha256(fingerprint_json.encode())
+    for c in sorted(candidates, key=lambda c: c.key):
+        h.update(b"\0".join((c.key.encode(), c.source.encode(), c.caption.encode())) + b"\n")
+    return h.hexdigest()
+
+
+def shard_boundaries(sorted_keys: Sequence[str], shard_size: int) -> list[str]:
+    """First key of each shard: shard i holds keys in [b[i], b[i+1])."""
+    return [sorted_keys[i] for i in range(0, len(sorted_keys), shard_size)]

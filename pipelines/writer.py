@@ -1,0 +1,176 @@
+"""Shard writing: deterministic tars, manifests and per-shard failure files,
+each written to a temporary name and renamed into place.
+
+Commit order per shard: the tar, then its failures file (if any), then the
+manifest last. The manifest carries the shard's plan digest, so a shard counts
+as finished only when its manifest matches the current plan *and* its tar
+exists; a run killed at any point leaves either a finished shard or one that
+the next run redoes, never a partial ``.tar`` under its final name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+from fsspec.implementations.local import LocalFileSystem
+
+from schemas import FAILURE_SCHEMA, MANIFEST_SCHEMA, FailureRecord, manifest_table, records_table
+
+#: Fixed member mtime (2020-01-01T00:00:00Z) so equal inputs give equal bytes.
+TAR_MTIME = 1577836800
+DIGEST_META = b"controlset.plan_digest"
+FAILED_META = b"controlset.failed"
+TMP_MARK = ".tmp-"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}"
+
+
+def _tmp_path(path: str) -> str:
+    d, b = posixpath.split(path)
+    return posixpath.join(d, f".{b}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def _commit(fs, tmp: str, path: str) -> None:
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)  # atomic within one filesystem
+    else:
+        fs.mv(tmp, path)  # object stores publish an object only once it is complete
+
+
+def atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    tmp = _tmp_path(path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        _commit(fs, tmp, path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+
+
+def atomic_write_table(fs, path: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    atomic_write_bytes(fs, path, buf.getvalue())
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception:
+        pass
+
+
+@dataclass
+class ShardSummary:
+    """What a shard holds: written sample count and its failure records."""
+
+    name: str
+    written: int
+    failures: list[FailureRecord] = field(default_factory=list)
+    skipped: bool = False  # already complete from an earlier run
+
+
+def write_shard(
+    fs,
+    root: str,
+    name: str,
+    samples: Sequence,  # EncodedSample
+    failures: Sequence[FailureRecord],
+    digest: str,
+) -> ShardSummary:
+    """Write one shard (tar + manifest + failures) atomically.
+
+    Samples are written in key order and failures sorted, so the bytes depend
+    only on the shard's content, not on worker or bundle order.
+    """
+    samples = sorted(samples, key=lambda s: s.key)
+    failures = sorted(failures, key=lambda r: (r.source, r.stage, r.reason))
+    tar_path = posixpath.join(root, f"{name}.tar")
+    tmp = _tmp_path(tar_path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            with wds.TarWriter(f, user="controlset", group="controlset", mtime=TAR_MTIME,
+                               encoder=False) as sink:
+                for s in samples:
+                    sink.write({"__key__": s.key, **s.members})
+        _commit(fs, tmp, tar_path)
+    except BaseException:
+        _remove_quietly(fs, tmp)
+        raise
+    failures_path = posixpath.join(root, f"{name}.failures.parquet")
+    if failures:
+        atomic_write_table(fs, failures_path, records_table(list(failures)))
+    else:
+        _remove_quietly(fs, failures_path)
+    table = manifest_table([s.row for s in samples])
+    table = table.replace_schema_metadata(
+        {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode()}
+    )
+    atomic_write_table(fs, posixpath.join(root, f"{name}.parquet"), table)
+    return ShardSummary(name, len(samples), list(failures))
+
+
+def shard_is_complete(fs, root: str, name: str, digest: str) -> bool:
+    """True if the shard on disk was written by a run with the same plan."""
+    manifest = posixpath.join(root, f"{name}.parquet")
+    try:
+        if not fs.exists(manifest) or not fs.exists(posixpath.join(root, f"{name}.tar")):
+            return False
+        with fs.open(manifest, "rb") as f:
+            meta = pq.read_schema(f).metadata or {}
+        if meta.get(DIGEST_META, b"").decode() != digest:
+            return False
+        if int(meta.get(FAILED_META, b"0")) > 0:
+            return fs.exists(posixpath.join(root, f"{name}.failures.parquet"))
+        return True
+    except Exception:
+        return False
+
+
+def read_shard_summary(fs, root: str, name: str) -> ShardSummary:
+    """Summary of a finished shard, read back from its manifest and failures."""
+    with fs.open(posixpath.join(root, f"{name}.parquet"), "rb") as f:
+        written = pq.read_metadata(f).num_rows
+    failures: list[FailureRecord] = []
+    fpath = posixpath.join(root, f"{name}.failures.parquet")
+    if fs.exists(fpath):
+        with fs.open(fpath, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                failures.append(FailureRecord(**row))
+    return ShardSummary(name, written, failures, skipped=True)
+
+
+def write_json(fs, path: str, obj) -> None:
+    atomic_write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_table(fs, path: str) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f)
+
+
+__all__ = [
+    "FAILURE_SCHEMA",
+    "MANIFEST_SCHEMA",
+    "ShardSummary",
+    "atomic_write_bytes",
+    "atomic_write_table",
+    "read_shard_summary",
+    "shard_is_complete",
+    "shard_name",
+    "write_json",
+    "write_shard",
+]
