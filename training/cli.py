@@ -1,0 +1,81 @@
+"""Subcommands ``train``, ``generate`` and ``base`` of the controlset command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers) -> None:
+    """Add the trainer's subcommands to the ``controlset`` parser."""
+    from training.config import add_arguments
+
+    p = subparsers.add_parser(
+        "train",
+        help="train a ControlNet on controlset shards",
+        description="Train a ControlNet on controlset shards (locked, then optionally with the SD decoder "
+        "unlocked). Flags follow diffusers' train_controlnet.py; --config FILE.yaml may set any of them. "
+        "Multi-GPU: torchrun --nproc-per-node N -m controlset train ...",
+    )
+    add_arguments(p)
+    p.set_defaults(func=_train)
+
+    g = subparsers.add_parser("generate", help="generate images with a trained ControlNet")
+    g.add_argument("--controlnet", required=True, help="diffusers ControlNet folder (e.g. OUTPUT_DIR/controlnet)")
+    g.add_argument("--base", required=True, help="Stable Diffusion base: diffusers folder or single .safetensors")
+    g.add_argument("--base-config", help="for a single-file --base: local diffusers folder with the configs")
+    g.add_argument("--unet", help="replacement UNet folder (OUTPUT_DIR/unet of a run with an unlocked decoder)")
+    g.add_argument("--condition", required=True, nargs="+", help="condition image(s), stacked in this order")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt")
+    g.add_argument("--output", default="generated.png", help="output PNG (numbered when --num-images > 1)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--num-inference-steps", type=int, default=30)
+    g.add_argument("--guidance-scale", type=float, default=7.5)
+    g.add_argument("--controlnet-conditioning-scale", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+    g.set_defaults(func=_generate)
+
+    b = subparsers.add_parser("base", help="base models for training (tiny random model for tests)")
+    bsub = b.add_subparsers(dest="base_command", metavar="KIND", required=True)
+    t = bsub.add_parser(
+        "tiny", help="write a tiny RANDOMLY INITIALISED SD-shaped model (for tests and demos; draws noise)"
+    )
+    t.add_argument("dir", help="output folder (diffusers format)")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_base_tiny)
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    from training.config import config_from_args
+    from training.train import train
+
+    summary = train(config_from_args(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def _generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from training.generate import generate
+
+    paths = generate(
+        args.controlnet, args.base, args.condition, args.prompt, args.output,
+        negative_prompt=args.negative_prompt, num_images=args.num_images, steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale, conditioning_scale=args.controlnet_conditioning_scale, seed=args.seed,
+        unet=args.unet, device=args.device, precision=args.precision, base_config=args.base_config,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _base_tiny(args: argparse.Namespace, extra: list[str]) -> int:
+    from training.tiny import TINY_NOTE, write_tiny_base
+
+    write_tiny_base(args.dir, seed=args.seed)
+    print(f"{args.dir}: {TINY_NOTE}", file=sys.stderr)
+    print(args.dir)
+    return 0

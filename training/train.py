@@ -1,0 +1,461 @@
+"""The training loop: ControlNet on controlset shards, locked then unlocked.
+
+Read top to bottom: setup (distributed, models, optimiser, data), optional
+resume, then the loop. One optimiser step = ``gradient_accumulation_steps``
+micro-batches; after each step one line goes to ``metrics.jsonl``, and every
+``checkpointing_steps`` a resumable checkpoint is written. Resuming restores
+the step, the phase, the optimiser/LR/scaler/EMA state, the RNG and the data
+position, so the continued run's losses equal an uninterrupted run's.
+
+Multi-GPU: launch with ``torchrun --nproc-per-node N -m controlset train ...``
+(any host count); each rank streams its own part of the data and DDP averages
+the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from schemas.errors import UsageError
+from training.config import TrainConfig
+from training.data import DataState, SampleSpec, ShardStream, expand_shards, load_validation_samples, make_loader
+from training.models import Base, ConditioningMethod, build_method, encode_images, encode_prompts, load_base
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------
+# small pieces
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_distributed() -> Dist:
+    """Join the torchrun process group when launched by torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Learning-rate multiplier for optimiser step ``step`` (0-based)."""
+    warm = cfg.lr_warmup_steps
+    if cfg.lr_scheduler != "constant" and warm and step < warm:
+        return (step + 1) / warm
+    if cfg.lr_scheduler in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, cfg.max_train_steps - warm))
+    if cfg.lr_scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    groups = [{**g, "base_lr": g["lr"]} for g in groups]
+    kw = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("--use-8bit-adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kw)
+
+
+class EMA:
+    """Exponential moving average of a list of parameters (fp32 copies)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            p.copy_(s.to(p.dtype))
+
+
+@dataclass
+class TrainState:
+    """What, besides weights and optimiser, a checkpoint must restore."""
+
+    step: int = 0
+    phase: str = "locked"
+    data: DataState = field(default_factory=DataState)
+
+
+# --------------------------------------------------------------------------
+# checkpoints
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints (those with ``state.json``), oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*")):
+        name = os.path.basename(path)
+        if name.split("-", 1)[1].isdigit() and os.path.exists(os.path.join(path, "state.json")):
+            found.append((int(name.split("-", 1)[1]), path))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(cfg, d: Dist, state: TrainState, method, optimizer, scaler, ema, generator) -> str:
+    from safetensors.torch import save_file
+
+    final = os.path.join(cfg.output_dir, f"checkpoint-{state.step}")
+    tmp = final + ".tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        weights = {k: v.contiguous() for k, v in method.trainable_state_dict(state.phase).items()}
+        save_file(weights, os.path.join(tmp, "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+        if ema is not None:
+            save_file({str(i): s for i, s in enumerate(ema.shadow)}, os.path.join(tmp, "ema.safetensors"))
+    d.barrier()
+    rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save({"rng": rng, "data": json.dumps(state.data.to_dict())}, os.path.join(tmp, f"rank-{d.rank}.pt"))
+    d.barrier()
+    if d.main:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": state.step, "phase": state.phase, "world_size": d.world_size,
+                       "dataloader_num_workers": cfg.dataloader_num_workers, "method": cfg.method}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if cfg.checkpoints_total_limit:
+            for old in list_checkpoints(cfg.output_dir)[: -cfg.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", final)
+    d.barrier()
+    return final
+
+
+def find_resume(cfg: TrainConfig) -> str | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = list_checkpoints(cfg.output_dir)
+        if not found:
+            log.info("no checkpoint in %s: starting from scratch", cfg.output_dir)
+            return None
+        return found[-1]
+    path = cfg.resume_from_checkpoint
+    if not os.path.exists(os.path.join(path, "state.json")):
+        path = os.path.join(cfg.output_dir, path)
+    if not os.path.exists(os.path.join(path, "state.json")):
+        raise UsageError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: no checkpoint there")
+    return path
+
+
+def read_checkpoint_state(path: str, cfg: TrainConfig, d: Dist) -> tuple[TrainState, dict]:
+    with open(os.path.join(path, "state.json")) as f:
+        meta = json.load(f)
+    for key, now in (("world_size", d.world_size), ("dataloader_num_workers", cfg.dataloader_num_workers)):
+        if meta[key] != now:
+            log.warning("checkpoint was written with %s=%s, now %s: the data order will differ", key, meta[key], now)
+    rank_file = os.path.join(path, f"rank-{d.rank}.pt")
+    extra = torch.load(rank_file, map_location="cpu", weights_only=True) if os.path.exists(rank_file) else {}
+    data = DataState.from_dict(json.loads(extra["data"])) if "data" in extra else DataState()
+    return TrainState(step=int(meta["step"]), phase=meta["phase"], data=data), extra
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint we resume)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+# --------------------------------------------------------------------------
+# validation
+
+
+@torch.no_grad()
+def validate(cfg, base: Base, method: ConditioningMethod, samples: list[dict], step: int, device, dtype, writer) -> str:
+    """Generate one image per held-out sample with classifier-free guidance;
+    save rows of (condition(s) | sample) as ``validation/step-NNNNNN.png``."""
+    import numpy as np
+    from PIL import Image
+
+    method.eval()
+    pipe = method.pipeline(base)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    rows = []
+    for s in samples:
+        cond = torch.from_numpy(s["conditioning"])[None].to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = pipe(
+                s["caption"], image=cond, num_inference_steps=cfg.validation_inference_steps,
+                guidance_scale=cfg.validation_guidance_scale, generator=gen, output_type="np",
+                height=cfg.resolution, width=cfg.resolution,
+            ).images[0]
+        tiles = [s["conditioning"][i : i + 3].transpose(1, 2, 0) for i in range(0, s["conditioning"].shape[0], 3)]
+        rows.append(np.concatenate(tiles + [out], axis=1))
+    method.train()
+    grid = (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
+    path = os.path.join(cfg.output_dir, "validation", f"step-{step:06d}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    if writer is not None:
+        writer.add_image("validation", grid, step, dataformats="HWC")
+    return path
+
+
+def make_writer(cfg: TrainConfig):
+    if cfg.report_to != "tensorboard":
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed: logging to metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(os.path.join(cfg.output_dir, "logs"))
+
+
+# --------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train as configured; returns a summary (final step, exports, paths)."""
+    cfg.validate()
+    d = setup_distributed()
+    device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_precision(cfg.mixed_precision, device)
+    if device.type == "cuda" and cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed + d.rank)
+
+    # Models. Frozen parts in the reduced precision; trained ones in fp32.
+    base = load_base(cfg.base, cfg.base_config, cfg.base_original_config)
+    method = build_method(
+        cfg.method, base, conditioning_channels=3 * len(cfg.condition), learning_rate=cfg.learning_rate,
+        unlock_learning_rate=cfg.unlock_learning_rate, only_mid_control=cfg.only_mid_control,
+        controlnet_path=cfg.controlnet, conditioning_embedding_channels=tuple(cfg.conditioning_embedding_channels),
+    )
+    base.vae.requires_grad_(False).to(device, dtype=dtype).eval()
+    base.text_encoder.requires_grad_(False).to(device, dtype=dtype).eval()
+    method.cast_frozen(dtype, will_unlock=cfg.unlock_at is not None)
+    method.to(device)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        method.enable_gradient_checkpointing()
+    method.train()
+    noise_scheduler = base.noise_scheduler
+
+    # Resume: weights now, optimiser state once the optimiser exists.
+    state, resume_extra = TrainState(), {}
+    resume = find_resume(cfg)
+    if resume:
+        from safetensors.torch import load_file
+
+        state, resume_extra = read_checkpoint_state(resume, cfg, d)
+        missing = method.load_state_dict(load_file(os.path.join(resume, "trainable.safetensors")), strict=False)
+        if missing.unexpected_keys:
+            raise UsageError(f"checkpoint {resume} does not fit this model: {missing.unexpected_keys[:3]} ...")
+        log.info("resuming from %s at step %d (%s)", resume, state.step, state.phase)
+
+    method.set_phase(state.phase)
+    optimizer = make_optimizer(cfg, method.param_groups("locked"), device)
+    if state.phase == "unlocked":
+        optimizer.add_param_group({**method.param_groups("unlocked")[-1], "base_lr": cfg.unlock_learning_rate})
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ema = EMA(method.param_groups("locked")[0]["params"], cfg.ema_decay) if cfg.use_ema else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + d.rank)
+    if resume:
+        opt = torch.load(os.path.join(resume, "optimizer.pt"), map_location=device, weights_only=True)
+        optimizer.load_state_dict(opt["optimizer"])
+        scaler.load_state_dict(opt["scaler"])
+        if ema is not None and os.path.exists(os.path.join(resume, "ema.safetensors")):
+            from safetensors.torch import load_file
+
+            shadow = load_file(os.path.join(resume, "ema.safetensors"), device=str(device))
+            ema.shadow = [shadow[str(i)] for i in range(len(ema.shadow))]
+        if "rng" in resume_extra:
+            torch.set_rng_state(resume_extra["rng"]["torch"])
+            generator.set_state(resume_extra["rng"]["generator"])
+            if "cuda" in resume_extra["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state(resume_extra["rng"]["cuda"])
+
+    def wrap(module):
+        if d.world_size == 1:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
+
+    model = wrap(method)
+
+    # Data.
+    spec = SampleSpec(tuple(cfg.condition), cfg.resolution, cfg.random_flip, cfg.center_crop, cfg.proportion_empty_prompts)
+    stream = ShardStream(
+        expand_shards(cfg.shards), spec, cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+        num_workers=cfg.dataloader_num_workers, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
+        state=DataState.from_dict(state.data.to_dict()),
+    )
+    batches = iter(make_loader(stream))
+    val_samples = []
+    if cfg.validation_steps and cfg.validation_shards and d.main:
+        val_samples = load_validation_samples(cfg.validation_shards, spec, cfg.num_validation_images)
+    elif cfg.validation_steps and d.main:
+        log.info("no --validation-shards: skipping validation")
+
+    metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
+    if d.main:
+        truncate_metrics(metrics_path, state.step)
+        with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    writer = make_writer(cfg) if d.main else None
+    global_batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * d.world_size
+    log.info("training %s from step %d to %d, global batch %d, %s", cfg.method, state.step, cfg.max_train_steps, global_batch, dtype)
+
+    last = time.perf_counter()
+    while state.step < cfg.max_train_steps:
+        event = None
+        if state.phase == "locked" and cfg.unlock_at is not None and state.step >= cfg.unlock_at:
+            # Unlock the SD decoder half: new parameter group, new DDP wrapper.
+            state.phase = "unlocked"
+            method.set_phase("unlocked")
+            group = method.param_groups("unlocked")[-1]
+            optimizer.add_param_group({**group, "base_lr": group["lr"]})
+            model = wrap(method)
+            event = "unlocked"
+            log.info("step %d: unlocked the SD decoder (%s, lr %g)", state.step, group["name"], group["lr"])
+
+        factor = lr_factor(cfg, state.step)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            state.data.update(batch)
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            cond = batch["conditioning"].to(device, non_blocking=True)
+            if cfg.channels_last:
+                cond = cond.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                latents = encode_images(base, pixels, generator).float()
+                text = encode_prompts(base, batch["captions"], device)
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, t)
+            else:
+                target = noise
+            last_micro = micro == cfg.gradient_accumulation_steps - 1
+            sync = contextlib.nullcontext() if last_micro or d.world_size == 1 else model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    pred = model(noisy, t, text, cond)
+                loss = F.mse_loss(pred.float(), target.float())
+                scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+            loss_sum += loss.detach()
+
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if cfg.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
+        state.step += 1
+
+        loss_avg = loss_sum / cfg.gradient_accumulation_steps
+        if d.world_size > 1:
+            dist.all_reduce(loss_avg)
+            loss_avg /= d.world_size
+        now = time.perf_counter()
+        record = {
+            "step": state.step,
+            "loss": float(loss_avg),
+            "phase": state.phase,
+            "trainable_params": sum(p.numel() for p in params),
+            "images_per_s": global_batch / max(now - last, 1e-9),
+            "skipped_samples": state.data.skipped,
+            **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+        }
+        if event:
+            record["event"] = event
+        last = now
+        if d.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(f"train/{k}", v, state.step)
+        if not math.isfinite(record["loss"]):
+            log.warning("step %d: loss is %s", state.step, record["loss"])
+
+        if state.step % cfg.checkpointing_steps == 0 or state.step == cfg.max_train_steps:
+            save_checkpoint(cfg, d, state, method, optimizer, scaler, ema, generator)
+        if val_samples and cfg.validation_steps and state.step % cfg.validation_steps == 0:
+            path = validate(cfg, base, method, val_samples, state.step, device, dtype, writer)
+            log.info("step %d: validation images in %s", state.step, path)
+        last = time.perf_counter()  # images/s measures training, not checkpoints or validation
+
+    summary = {"step": state.step, "phase": state.phase, "output_dir": cfg.output_dir, "metrics": metrics_path}
+    if cfg.export and d.main:
+        if ema is not None:
+            ema.copy_to_params()  # export the averaged weights
+        summary["exports"] = method.export(cfg.output_dir, unet_changed=state.phase == "unlocked")
+        log.info("exported %s", summary["exports"])
+    if writer is not None:
+        writer.close()
+    d.barrier()
+    return summary
