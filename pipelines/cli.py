@@ -123,7 +123,9 @@ def print_summary(stats: dict[str, Any], output: str) -> None:
         if stats.get(key):
             reasons = ", ".join(f"{r}: {n}" for r, n in stats[key].items())
             print(f"  {label}: {reasons}")
-    print(f"  {stats['shards']} shard(s) in {output} (stats.json, failures.parquet, filtered.parquet)")
+    skipped = stats.get("counters", {}).get("shards_skipped", 0)
+    note = f", {skipped} already complete and kept" if skipped else ""
+    print(f"  {stats['shards']} shard(s){note} in {output} (stats.json, failures.parquet, filtered.parquet)")
 
 
 def cmd_preview(args: argparse.Namespace, extra: list[str]) -> int:

@@ -98,7 +98,7 @@ def probe_image(data: bytes) -> ImageHeader:
         orientation = read_orientation(im)
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        return ImageHeader(
+        header = ImageHeader(
             width=width,
             height=height,
             format=im.format or "unknown",
@@ -106,6 +106,15 @@ def probe_image(data: bytes) -> ImageHeader:
             orientation=orientation,
             frames=int(getattr(im, "n_frames", 1) or 1),
         )
+    if header.format == "PNG":
+        # zlib happily inflates a damaged IDAT into wrong pixels; only the
+        # chunk checksums catch it, and PIL checks them only in verify().
+        with _open(data) as im:
+            try:
+                im.verify()
+            except Exception as exc:
+                raise DecodeError("decode_error", f"corrupt PNG: {exc}") from exc
+    return header
 
 
 def _srgb():

@@ -9,9 +9,10 @@ import time
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
 
 from annotators import create_annotator
-from pipelines.beam import build_pipeline, pipeline_options
+from pipelines.beam import NS, build_pipeline, pipeline_options
 from pipelines.finalize import STATS_FILE
 from pipelines.options import AnnotateOptions
 from pipelines.sources import discover, open_output_fs
@@ -54,10 +55,27 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
-    with beam.Pipeline(options=pipeline_options(beam_args or [])) as p:
-        build_pipeline(p, opts, refs, fingerprint, run_info)
+    p = beam.Pipeline(options=pipeline_options(beam_args or []))
+    build_pipeline(p, opts, refs, fingerprint, run_info)
+    result = p.run()
+    result.wait_until_finish()
     elapsed = time.perf_counter() - started
     with fs.open(posixpath.join(root, STATS_FILE), "rb") as f:
         stats = json.load(f)
     stats["seconds"] = elapsed
+    stats["counters"] = stage_counters(result)
     return stats
+
+
+def stage_counters(result) -> dict[str, int]:
+    """controlset's Beam counters (inputs, decoded, annotated, written,
+    shards_written, shards_skipped, ...) from a finished pipeline."""
+    counters: dict[str, int] = {}
+    try:
+        query = result.metrics().query(MetricsFilter().with_namespace(NS))
+    except Exception:  # some runners do not report metrics
+        return counters
+    for c in query["counters"]:
+        value = c.committed if c.committed is not None else c.attempted
+        counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
+    return dict(sorted(counters.items()))

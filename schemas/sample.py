@@ -41,7 +41,7 @@ CONDITION_MEMBERS = (
 #: negligible at billions of images, and keys stay short in tar names).
 KEY_HEX_CHARS = 24
 
-_KEY_RE = re.compile(r"^[0-9a-z_-]+$")
+_KEY_RE = re.compile(r"[0-9a-z_-]+")
 
 
 def content_key(data: bytes) -> str:
@@ -56,7 +56,7 @@ def content_key(data: bytes) -> str:
 
 def is_valid_key(key: str) -> bool:
     """True if ``key`` can be a WebDataset key (no dots, slashes or spaces)."""
-    return bool(_KEY_RE.match(key))
+    return bool(_KEY_RE.fullmatch(key))
 
 
 def condition_member(condition: str) -> str:

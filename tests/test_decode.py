@@ -1,0 +1,119 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _images import bad_crc_png, bomb_png, exif_rotated_jpeg, jpeg_bytes, photo, png_bytes
+from pipelines.decode import DecodeError, apply_geometry, decode_rgb, plan_geometry, probe_image
+
+
+def test_exif_orientation_is_applied_and_reported():
+    arr = photo("coffee")  # 400 x 600 (h x w)
+    data = exif_rotated_jpeg(arr, 6)  # "rotate 90 CW to display"
+    header = probe_image(data)
+    assert (header.width, header.height) == (400, 600)
+    rgb, _ = decode_rgb(data)
+    assert rgb.shape == (600, 400, 3)
+    plain, _ = decode_rgb(jpeg_bytes(arr))
+    expected = np.rot90(plain, k=-1)  # 90 degrees clockwise
+    assert np.abs(rgb.astype(int) - expected.astype(int)).mean() < 3
+
+
+def test_16bit_gray_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 256 * 300).reshape(256, 300).astype(np.uint16)
+    rgb, _ = decode_rgb(png_bytes(Image.fromarray(ramp)))
+    assert rgb.dtype == np.uint8 and rgb.shape == (256, 300, 3)
+    assert rgb.min() == 0 and rgb.max() == 255
+    assert abs(rgb.mean() - 127.5) < 2  # clipping would push most pixels to 255
+
+
+def test_cmyk_becomes_matching_rgb():
+    arr = photo("coffee")
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert("CMYK").save(buf, format="JPEG", quality=95)
+    rgb, header = decode_rgb(buf.getvalue())
+    assert header.mode == "CMYK"
+    assert np.abs(rgb.astype(int) - arr.astype(int)).mean() < 8
+
+
+def test_palette_transparency_and_rgba_composite_on_white():
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 32:, 3] = 255  # left half transparent
+    rgb, _ = decode_rgb(png_bytes(Image.fromarray(rgba, "RGBA")))
+    assert (rgb[:, :32] == 255).all()
+    assert (rgb[:, 32:] == (200, 0, 0)).all()
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([10, 20, 30] + [250, 0, 0] * 255)
+    pal.paste(1, (8, 0, 16, 16))
+    rgb, _ = decode_rgb(png_bytes(pal, transparency=0))
+    assert (rgb[:, :8] == 255).all() and (rgb[:, 8:] == (250, 0, 0)).all()
+
+
+def test_la_and_l_modes():
+    la = Image.fromarray(np.dstack([np.full((8, 8), 40, np.uint8), np.full((8, 8), 0, np.uint8)]), "LA")
+    rgb, _ = decode_rgb(png_bytes(la))
+    assert (rgb == 255).all()
+    rgb, _ = decode_rgb(png_bytes(Image.fromarray(np.full((8, 8), 40, np.uint8))))
+    assert (rgb == 40).all()
+
+
+def test_animation_uses_first_frame():
+    frames = [Image.fromarray(np.full((20, 20, 3), v, np.uint8)) for v in (10, 240)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    rgb, header = decode_rgb(buf.getvalue())
+    assert header.frames == 2
+    assert rgb.mean() < 40
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty_file"),
+        (b"plain text", "not_an_image"),
+        (bomb_png(), "decompression_bomb"),
+    ],
+)
+def test_header_failures_have_reasons(data, reason):
+    with pytest.raises(DecodeError) as err:
+        probe_image(data)
+    assert err.value.reason == reason
+
+
+def test_truncated_and_bad_crc_fail_with_decode_error():
+    good = jpeg_bytes(photo("astronaut"))
+    probe_image(good[: len(good) // 3])  # the header alone is fine
+    with pytest.raises(DecodeError) as err:
+        decode_rgb(good[: len(good) // 3])
+    assert err.value.reason == "decode_error"
+    with pytest.raises(DecodeError) as err:
+        probe_image(bad_crc_png(photo("chelsea")))
+    assert err.value.reason == "decode_error"
+
+
+def test_bomb_limit_follows_pil_setting(monkeypatch):
+    data = png_bytes(Image.fromarray(np.zeros((100, 100), np.uint8)))
+    probe_image(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    with pytest.raises(DecodeError) as err:
+        probe_image(data)
+    assert err.value.reason == "decompression_bomb"
+
+
+def test_center_crop_geometry():
+    box, size = plan_geometry(600, 400, 512, "center")
+    assert box == (100, 0, 500, 400) and size == (512, 512)
+    img = np.zeros((400, 600, 3), np.uint8)
+    img[:, 100:500] = 255  # only the crop is white
+    out = apply_geometry(img, box, size)
+    assert out.shape == (512, 512, 3) and out.min() == 255
+
+
+def test_no_crop_keeps_aspect_in_multiples_of_64():
+    box, size = plan_geometry(1000, 700, 512, "none")
+    assert box == (0, 0, 1000, 700)
+    assert size[1] == 512 and size[0] % 64 == 0 and abs(size[0] / size[1] - 1000 / 700) < 0.1
+    with pytest.raises(ValueError):
+        plan_geometry(10, 10, 512, "diagonal")
