@@ -314,3 +314,25 @@ def test_generate_cli(full_run, tiny_base, shards, tmp_path):
     bad = main(["generate", "--controlnet", os.path.join(full_run["out"], "controlnet"), "--base", tiny_base,
                 "--condition", str(cond), str(cond), "--prompt", "x", "--output", str(target)])
     assert bad == 2  # two conditions for a one-condition ControlNet: a usage error
+
+
+def test_ddp_two_cpu_processes(tiny_base, shards, tmp_path):
+    """torchrun with 2 gloo processes: data split by rank, DDP rebuilt at unlock, per-rank data state saved."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "controlset", "train", "--base", tiny_base, "--shards", *shards["train"], "--output-dir", str(out),
+           "--resolution", "64", "--train-batch-size", "2", "--max-train-steps", "3", "--checkpointing-steps", "3",
+           "--unlock-at", "2", "--dataloader-num-workers", "0", "--validation-steps", "0", "--report-to", "none",
+           "--no-export"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["phase"] == "unlocked"
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    ckpt = out / "checkpoint-3"
+    states = [json.loads(torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["data"]) for r in (0, 1)]
+    assert set(states[0]["streams"]) == {"0"} and set(states[1]["streams"]) == {"1"}

@@ -54,7 +54,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     from training.train import train
 
     summary = train(config_from_args(args))
-    print(json.dumps(summary))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps(summary))
     return 0
 
 

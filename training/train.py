@@ -449,7 +449,7 @@ def train(cfg: TrainConfig) -> dict:
             log.info("step %d: validation images in %s", state.step, path)
         last = time.perf_counter()  # images/s measures training, not checkpoints or validation
 
-    summary = {"step": state.step, "phase": state.phase, "output_dir": cfg.output_dir, "metrics": metrics_path}
+    summary = {"rank": d.rank, "step": state.step, "phase": state.phase, "output_dir": cfg.output_dir, "metrics": metrics_path}
     if cfg.export and d.main:
         if ema is not None:
             ema.copy_to_params()  # export the averaged weights
