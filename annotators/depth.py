@@ -1,0 +1,322 @@
+"""MiDaS depth (``depth.png``) and normals derived from it (``normal.png``),
+batched on the GPU through transformers' depth-estimation models.
+
+Depth
+    ``Intel/dpt-hybrid-midas`` (MiDaS v3 DPT-hybrid, the network behind
+    ControlNet's depth annotator) by default; DPT-large and Depth Anything
+    (v1/v2) are selectable by alias or repo id, all through
+    ``AutoModelForDepthEstimation``. Inputs are pre-processed on the device as
+    the model's image processor specifies; the prediction is upsampled to the
+    image size as transformers' ``post_process_depth_estimation`` does
+    (bicubic) and then normalised per image to 0-255 the way ControlNet does
+    (``(d - min) / (max - min) * 255``, truncated), or to 0-65535 with
+    ``bits=16``. The model predicts relative *inverse* depth, so near is
+    bright, as ControlNet's depth model expects.
+
+Normals
+    ControlNet's normal annotator from the same MiDaS prediction, at the
+    model's output resolution (ControlNet also computes them at the detection
+    resolution): Sobel x/y gradients (3x3, reflected border) of the raw
+    prediction, set to 0 where the normalised depth is below ``bg_th`` (0.4
+    as ControlNet's normal model used), stacked with a constant ``a`` = 2*pi,
+    normalised to unit length, mapped to ``n * 127.5 + 127.5`` and written
+    with the channels reversed, exactly as ``controlnet_aux``'s
+    ``MidasDetector`` returns them. The map is then resized bilinearly to the
+    image size, as ControlNet resizes its detected map.
+
+One forward pass for both
+    ``depth`` and ``normal`` annotators with the same ``model``, ``device``
+    and ``precision`` share one loaded model per process, and the model keeps
+    the raw predictions of the last batch it saw: when the pipeline runs
+    ``depth`` and then ``normal`` over the same batch (same keys, same image
+    arrays), the second annotator reuses the first one's prediction instead
+    of running the network again.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from annotators.base import Annotation, Annotator, check_image
+from annotators.registry import register_annotator
+
+#: Short names accepted for ``model``, besides any repo id or local folder.
+DEPTH_MODELS = {
+    "dpt-hybrid": "Intel/dpt-hybrid-midas",
+    "dpt-large": "Intel/dpt-large",
+    "depth-anything-small": "LiheYoung/depth-anything-small-hf",
+    "depth-anything-base": "LiheYoung/depth-anything-base-hf",
+    "depth-anything-large": "LiheYoung/depth-anything-large-hf",
+    "depth-anything-v2-small": "depth-anything/Depth-Anything-V2-Small-hf",
+    "depth-anything-v2-base": "depth-anything/Depth-Anything-V2-Base-hf",
+    "depth-anything-v2-large": "depth-anything/Depth-Anything-V2-Large-hf",
+}
+DEFAULT_DEPTH_MODEL = "Intel/dpt-hybrid-midas"
+
+
+# --------------------------------------------------------------- pure steps
+
+
+def upsample_depth(depth: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
+    """Bx h x w raw predictions -> B x H x W, bicubic (align_corners=False),
+    as transformers' ``post_process_depth_estimation`` resizes them."""
+    import torch.nn.functional as F
+
+    if tuple(depth.shape[-2:]) == tuple(size):
+        return depth
+    return F.interpolate(depth[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
+
+
+def normalize_depth(depth: "torch.Tensor", bits: int = 8) -> "torch.Tensor":
+    """Per image ``(d - min) / (max - min)`` scaled to 0..2**bits-1 and
+    truncated, as ControlNet's MiDaS annotator does (a flat map gives 0).
+
+    Returns uint8 for 8 bits, int32 holding 0..65535 for 16 bits (torch has
+    no general uint16 arithmetic; cast on the host).
+    """
+    import torch
+
+    d = depth.float()
+    flat = d.flatten(1)
+    lo = flat.amin(1).view(-1, 1, 1)
+    span = (flat.amax(1).view(-1, 1, 1) - lo)
+    unit = torch.where(span > 0, (d - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    top = float((1 << bits) - 1)
+    scaled = (unit * top).clamp(0, top)
+    return scaled.to(torch.uint8) if bits == 8 else scaled.to(torch.int32)
+
+
+def _sobel(depth: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    # cv2.Sobel(ksize=3) with its default BORDER_REFLECT_101 ("reflect" in torch).
+    import torch
+    import torch.nn.functional as F
+
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=depth.device)
+    k = torch.stack([kx, kx.t()])[:, None]
+    padded = F.pad(depth[:, None].float(), (1, 1, 1, 1), mode="reflect")
+    g = F.conv2d(padded, k)
+    return g[:, 0], g[:, 1]
+
+
+def normals_from_depth(
+    depth: "torch.Tensor", a: float = 2.0 * math.pi, bg_th: float = 0.4
+) -> "torch.Tensor":
+    """ControlNet's normal map of raw MiDaS predictions, B x h x w -> uint8 B x h x w x 3.
+
+    The background test uses the per-image min-max normalised depth; the
+    channel order is reversed at the end as ControlNet's annotator does, so
+    the map is what ControlNet's normal model was fed.
+    """
+    import torch
+
+    d = depth.float()
+    flat = d.flatten(1)
+    lo = flat.amin(1).view(-1, 1, 1)
+    span = flat.amax(1).view(-1, 1, 1) - lo
+    rel = (d - lo) / span  # NaN for a flat map, like ControlNet: no pixel is background
+    gx, gy = _sobel(d)
+    background = rel < bg_th
+    gx = torch.where(background, 0.0, gx)
+    gy = torch.where(background, 0.0, gy)
+    n = torch.stack([gx, gy, torch.full_like(gx, float(a))], dim=-1)
+    n = n / n.pow(2).sum(-1, keepdim=True).sqrt()
+    img = (n * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)  # truncation, like astype
+    return img.flip(-1)
+
+
+def resize_map(maps: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
+    """uint8 B x h x w x C -> B x H x W x C, bilinear and rounded (cv2 INTER_LINEAR)."""
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(maps.shape[1:3]) == tuple(size):
+        return maps
+    x = F.interpolate(maps.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+# ----------------------------------------------------------- shared model
+
+
+class DepthModel:
+    """A loaded depth model on one device, with a one-batch memo.
+
+    ``predict`` returns the raw predictions (float32, model resolution) of
+    each image; when called again with the very same batch (same keys and
+    the same array objects) it returns the memo instead of running again.
+    """
+
+    def __init__(self, model: str, device: Any, dtype: Any) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        from annotators.hf_models import BatchPreprocessor, load_pretrained
+
+        self.device, self.dtype = device, dtype
+        self.processor = load_pretrained(AutoImageProcessor, model, what="depth image processor")
+        self.preprocess = BatchPreprocessor(self.processor)
+        net = load_pretrained(AutoModelForDepthEstimation, model, what="depth model")
+        # Weights stay fp32; reduced precision runs under autocast, which keeps
+        # the normalisation layers of the BiT / ConvNeXt backbones in fp32.
+        self.net = net.to(device=device, dtype=torch.float32).eval()
+        self._lock = threading.Lock()
+        self._memo: tuple[tuple, list] | None = None
+
+    def predict(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list["torch.Tensor"]:
+        import torch
+
+        from annotators._torch import autocast
+        from annotators.hf_models import model_batches
+
+        ident = (tuple(keys), tuple(id(im) for im in images), tuple(im.shape for im in images))
+        with self._lock:
+            if self._memo is not None and self._memo[0] == ident:
+                return self._memo[1]
+        out: list[torch.Tensor | None] = [None] * len(images)
+        with torch.inference_mode():
+            for idx, pixels in model_batches(images, self.preprocess, self.device):
+                with autocast(self.device, self.dtype):
+                    pred = self.net(pixel_values=pixels).predicted_depth
+                pred = pred.float()
+                for j, i in enumerate(idx):
+                    out[i] = pred[j]
+        with self._lock:
+            # the memo holds the arrays themselves so their ids cannot be reused
+            self._memo = (ident, out)
+            self._memo_arrays = list(images)
+        return out  # type: ignore[return-value]
+
+
+def _depth_model(model: str, device: str | None, precision: str | None) -> DepthModel:
+    from annotators._torch import resolve_device, resolve_precision
+    from annotators.hf_models import resolve_model_name, shared
+
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    name = resolve_model_name(model, DEPTH_MODELS)
+    return shared(("depth", name, str(dev), str(dtype)), lambda: DepthModel(name, dev, dtype))
+
+
+def _stack_predictions(preds: Sequence["torch.Tensor"], images: Sequence[np.ndarray]):
+    """Group images whose prediction and image sizes match, for batched post-processing."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, im) in enumerate(zip(preds, images)):
+        groups.setdefault((tuple(p.shape), im.shape[:2]), []).append(i)
+    return groups
+
+
+class _MidasBase(Annotator):
+    uses_gpu = True
+    default_batch_size = 32
+
+    def setup(self) -> None:
+        if getattr(self, "_model", None) is None:
+            o = self._options
+            self._model = _depth_model(o["model"], o["device"], o["precision"])
+
+    def _predict(self, images, keys):
+        self.setup()
+        images = [check_image(im) for im in images]
+        keys = list(keys) if keys is not None else [""] * len(images)
+        return images, self._model.predict(images, keys)
+
+
+@register_annotator
+class Depth(_MidasBase):
+    """``depth.png``: relative inverse depth, normalised per image (near = bright).
+
+    Options:
+        model: Hub repo id, alias (``dpt-hybrid``, ``dpt-large``,
+            ``depth-anything-small`` ... see ``DEPTH_MODELS``) or local folder.
+        device, precision: as for every neural annotator (None = auto).
+        bits: 8 (uint8 PNG, as ControlNet) or 16 (uint16 PNG).
+
+    Per-sample meta: ``depth_min`` / ``depth_max``, the raw prediction range
+    the map was normalised from.
+    """
+
+    name = "depth"
+    version = "1"
+    members = ("depth.png",)
+
+    def __init__(
+        self,
+        model: str = DEFAULT_DEPTH_MODEL,
+        device: str | None = None,
+        precision: str | None = None,
+        bits: int = 8,
+    ) -> None:
+        if bits not in (8, 16):
+            raise ValueError(f"depth bits must be 8 or 16, got {bits!r}")
+        super().__init__(model=str(model), device=device, precision=precision, bits=int(bits))
+
+    def annotate_batch(self, images, keys=None):
+        import torch
+
+        images, preds = self._predict(images, keys)
+        out: list[Annotation | None] = [None] * len(images)
+        for (_, size), idx in _stack_predictions(preds, images).items():
+            raw = torch.stack([preds[i] for i in idx])
+            full = upsample_depth(raw, size)
+            maps = normalize_depth(full, self._options["bits"])
+            flat = full.flatten(1)
+            ranges = torch.stack([flat.amin(1), flat.amax(1)], 1).cpu().numpy()
+            maps = maps.cpu().numpy()
+            if self._options["bits"] == 16:
+                maps = maps.astype(np.uint16)
+            for j, i in enumerate(idx):
+                out[i] = Annotation(
+                    members={"depth.png": np.ascontiguousarray(maps[j])},
+                    meta={"depth_min": float(ranges[j, 0]), "depth_max": float(ranges[j, 1])},
+                )
+        return out
+
+
+@register_annotator
+class Normal(_MidasBase):
+    """``normal.png``: ControlNet's normal map from MiDaS depth (RGB).
+
+    Options:
+        model, device, precision: as for ``depth`` (same defaults; the two
+            share one model and one forward pass).
+        bg_th: pixels whose normalised depth is below this are flat
+            background (ControlNet: 0.4).
+        a: the constant z component before normalisation (ControlNet: 2*pi).
+    """
+
+    name = "normal"
+    version = "1"
+    members = ("normal.png",)
+
+    def __init__(
+        self,
+        model: str = DEFAULT_DEPTH_MODEL,
+        device: str | None = None,
+        precision: str | None = None,
+        bg_th: float = 0.4,
+        a: float = 2.0 * math.pi,
+    ) -> None:
+        if not 0.0 <= float(bg_th) <= 1.0:
+            raise ValueError(f"normal bg_th must be in [0, 1], got {bg_th!r}")
+        if not float(a) > 0:
+            raise ValueError(f"normal a must be > 0, got {a!r}")
+        super().__init__(
+            model=str(model), device=device, precision=precision, bg_th=float(bg_th), a=float(a)
+        )
+
+    def annotate_batch(self, images, keys=None):
+        import torch
+
+        images, preds = self._predict(images, keys)
+        out: list[Annotation | None] = [None] * len(images)
+        for (_, size), idx in _stack_predictions(preds, images).items():
+            raw = torch.stack([preds[i] for i in idx])
+            maps = normals_from_depth(raw, self._options["a"], self._options["bg_th"])
+            maps = resize_map(maps, size).cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = Annotation(members={"normal.png": np.ascontiguousarray(maps[j])})
+        return out

@@ -1,0 +1,216 @@
+"""ADE20K semantic segmentation (``seg.png`` + ``seg_ids.png``), batched on the
+GPU through transformers' semantic-segmentation models.
+
+``openmmlab/upernet-convnext-small`` (UperNet, 150 ADE20K classes) by default;
+other ADE20K models (UperNet with ConvNeXt or Swin backbones, SegFormer) by
+alias or repo id, all through ``AutoModelForSemanticSegmentation``.
+
+Inputs are pre-processed on the device as the model's image processor
+specifies; logits are resized bilinearly to the image size and arg-maxed, as
+transformers' ``post_process_semantic_segmentation`` does. ``seg.png`` colours
+each class with the ADE20K palette ControlNet's segmentation model was
+trained on (mmsegmentation's, the one ControlNet's UniFormer annotator
+draws with; two classes, 6 and 48, share a colour there); ``seg_ids.png``
+keeps the exact class ids (0..149, single channel).
+The classes present, with the fraction of pixels each covers, go into the
+sample metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from annotators.base import Annotation, Annotator, check_image
+from annotators.registry import register_annotator
+
+#: Short names accepted for ``model``, besides any repo id or local folder.
+SEG_MODELS = {
+    **{f"upernet-convnext-{s}": f"openmmlab/upernet-convnext-{s}" for s in ("tiny", "small", "base", "large", "xlarge")},
+    **{f"upernet-swin-{s}": f"openmmlab/upernet-swin-{s}" for s in ("tiny", "small", "base", "large")},
+    **{f"segformer-b{i}": f"nvidia/segformer-b{i}-finetuned-ade-512-512" for i in range(5)},
+    "segformer-b5": "nvidia/segformer-b5-finetuned-ade-640-640",
+}
+DEFAULT_SEG_MODEL = "openmmlab/upernet-convnext-small"
+ADE20K_CLASSES = 150
+
+# The ADE20K colour of class i is bytes [3i, 3i+3) of this hex string
+# (mmsegmentation's ADE20KDataset palette, in class-id order).
+_ADE20K_PALETTE_HEX = (
+    "787878b4787806e6e650323204c8037878508c8c8ccc05ffe6e6e604fa07e005ffebff07"
+    "96053d78784608ff33ff06528fff8cccff04ff3307cc46030066c83de6faff06330b66ff"
+    "ff0747ff09e00907e6dcdcdcff095c7009ff08ffd607ffe0ffb8060aff47ff290a07ffff"
+    "e0ff086608ffff3d06ffc207ff7a0800ff14ff0829ff05990633ffeb0cffa0961400a3ff"
+    "8c8c8cfa0a0f14ff001fff00ff1f00ffe00099ff000000ffff470000ebff00adff1f00ff"
+    "0bc8c8ff520000fff5003dff00ff7000ff85ff0000ffa300ff6600c2ff00008fff33ff00"
+    "0052ff00ff2900ffad0a00ffadff0000ff99ff5c00ff00ffff00f5ff0066ffad00ff0014"
+    "ffb8b8001fff00ff3d0047ffff00cc00ffc200ff52000aff0070ff3300ff00c2ff007aff"
+    "00ffa3ff990000ff0aff70008fff005200ffa3ff00ffeb0008b8aa8500ff00ff5cb800ff"
+    "ff001f00b8ff00d6ffff00705cff0000e0ff70e0ff46b8a0a300ff9900ff47ff00ff00a3"
+    "ffcc00ff008f00ffeb85ff00ff00ebf500ffff007afff5000abed4d6ff0000ccff1400ff"
+    "ffff000099ff0029ff00ffcc2900ff29ff00ad00ff00f5ff4700ff7a00ff00ffb8005cff"
+    "b8ff000085ffffd60019c2c266ff005c00ff"
+)
+
+
+def ade20k_palette() -> np.ndarray:
+    """The 150 x 3 uint8 ADE20K palette (row = class id)."""
+    return np.frombuffer(bytes.fromhex(_ADE20K_PALETTE_HEX), dtype=np.uint8).reshape(-1, 3).copy()
+
+
+def colorize(ids: np.ndarray, palette: np.ndarray | None = None) -> np.ndarray:
+    """Class-id map (HxW) -> RGB uint8 HxWx3 with the ADE20K palette."""
+    pal = ade20k_palette() if palette is None else palette
+    return pal[ids]
+
+
+def logits_to_ids(logits: "torch.Tensor", size: tuple[int, int], chunk: int = 8) -> "torch.Tensor":
+    """B x C x h x w logits -> B x H x W class ids (int64).
+
+    Bilinear resize (align_corners=False) then arg-max, as transformers'
+    ``post_process_semantic_segmentation`` does, in chunks so that a batch
+    of 150-class maps at full size never sits in memory at once.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits.argmax(1)
+    parts = [
+        F.interpolate(logits[s : s + chunk], size=size, mode="bilinear", align_corners=False).argmax(1)
+        for s in range(0, logits.shape[0], chunk)
+    ]
+    return torch.cat(parts)
+
+
+class SegModel:
+    """A loaded segmentation model on one device (shared per process)."""
+
+    def __init__(self, model: str, device: Any, dtype: Any) -> None:
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+        from annotators.hf_models import BatchPreprocessor, load_pretrained
+
+        self.device, self.dtype = device, dtype
+        self.processor = load_pretrained(AutoImageProcessor, model, what="segmentation image processor")
+        self.preprocess = BatchPreprocessor(self.processor)
+        if self.preprocess.plan(512, 768).crop is not None:
+            # A crop would leave seg.png misaligned with the image it describes.
+            raise ValueError(
+                f"segmentation model {model!r}: its image processor crops the input, so the map "
+                f"would not cover the whole image; use a model whose processor resizes only"
+            )
+        net = load_pretrained(AutoModelForSemanticSegmentation, model, what="segmentation model")
+        n = int(net.config.num_labels)
+        if n != ADE20K_CLASSES:
+            raise ValueError(
+                f"segmentation model {model!r} has {n} classes; seg needs an ADE20K model "
+                f"({ADE20K_CLASSES} classes) so seg.png uses ControlNet's palette"
+            )
+        self.net = net.to(device).eval()
+        id2label = getattr(net.config, "id2label", None) or {}
+        self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
+        self.palette = torch.from_numpy(ade20k_palette()).to(device)
+
+
+def _seg_model(model: str, device: str | None, precision: str | None) -> SegModel:
+    from annotators._torch import resolve_device, resolve_precision
+    from annotators.hf_models import resolve_model_name, shared
+
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    name = resolve_model_name(model, SEG_MODELS)
+    return shared(("seg", name, str(dev), str(dtype)), lambda: SegModel(name, dev, dtype))
+
+
+@register_annotator
+class Seg(Annotator):
+    """``seg.png`` (ADE20K palette, RGB) and ``seg_ids.png`` (class ids).
+
+    Options:
+        model: Hub repo id, alias (``upernet-convnext-small``,
+            ``upernet-swin-base``, ``segformer-b5`` ... see ``SEG_MODELS``) or
+            local folder of an ADE20K (150-class) model.
+        device, precision: as for every neural annotator (None = auto).
+        min_fraction: classes covering less than this fraction of the pixels
+            are left out of the metadata's class list (not out of the maps).
+
+    Per-sample meta: ``class_ids``, ``classes`` (labels) and
+    ``class_fractions``, aligned, by decreasing area.
+    """
+
+    name = "seg"
+    version = "1"
+    members = ("seg.png", "seg_ids.png")
+    uses_gpu = True
+    default_batch_size = 32
+
+    def __init__(
+        self,
+        model: str = DEFAULT_SEG_MODEL,
+        device: str | None = None,
+        precision: str | None = None,
+        min_fraction: float = 0.0,
+    ) -> None:
+        if not 0.0 <= float(min_fraction) < 1.0:
+            raise ValueError(f"seg min_fraction must be in [0, 1), got {min_fraction!r}")
+        super().__init__(
+            model=str(model), device=device, precision=precision, min_fraction=float(min_fraction)
+        )
+
+    def setup(self) -> None:
+        if getattr(self, "_model", None) is None:
+            o = self._options
+            self._model = _seg_model(o["model"], o["device"], o["precision"])
+
+    def annotate_batch(self, images, keys=None):
+        import torch
+
+        from annotators._torch import autocast
+        from annotators.hf_models import model_batches
+
+        self.setup()
+        m = self._model
+        images = [check_image(im) for im in images]
+        out: list[Annotation | None] = [None] * len(images)
+        with torch.inference_mode():
+            for idx, pixels in model_batches(images, m.preprocess, m.device):
+                with autocast(m.device, m.dtype):
+                    logits = m.net(pixel_values=pixels).logits
+                # images of one model batch may still differ in size
+                by_size: dict[tuple[int, int], list[int]] = {}
+                for j, i in enumerate(idx):
+                    by_size.setdefault(images[i].shape[:2], []).append(j)
+                for size, js in by_size.items():
+                    sel = logits if len(js) == len(idx) else logits[js]
+                    ids = logits_to_ids(sel, size)
+                    colour = m.palette[ids]
+                    counts = torch.stack(
+                        [torch.bincount(row.flatten(), minlength=len(m.labels)) for row in ids]
+                    )
+                    ids_np = ids.to(torch.uint8).cpu().numpy()  # 150 classes fit
+                    colour_np = colour.cpu().numpy()
+                    counts_np = counts.cpu().numpy()
+                    for k, j in enumerate(js):
+                        out[idx[j]] = Annotation(
+                            members={
+                                "seg.png": np.ascontiguousarray(colour_np[k]),
+                                "seg_ids.png": np.ascontiguousarray(ids_np[k]),
+                            },
+                            meta=self._class_meta(counts_np[k]),
+                        )
+        return out
+
+    def _class_meta(self, counts: np.ndarray) -> dict[str, Any]:
+        total = float(counts.sum()) or 1.0
+        frac = counts / total
+        order = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+        order = [c for c in order if frac[c] >= self._options["min_fraction"]]
+        labels = self._model.labels
+        return {
+            "class_ids": order,
+            "classes": [labels[c] for c in order],
+            "class_fractions": [round(float(frac[c]), 6) for c in order],
+        }

@@ -1,0 +1,409 @@
+"""depth, normal, seg and caption annotators on tiny seeded random-weight
+models of the real transformers architectures, loaded as local model
+folders (never the network), checked against transformers' own per-image
+inference and against ControlNet's normal algorithm in controlnet-aux."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from annotators import MissingWeightsError, create_annotator  # noqa: E402
+from annotators import hf_models  # noqa: E402
+from annotators.caption import choose_caption  # noqa: E402
+from annotators.depth import normalize_depth, normals_from_depth  # noqa: E402
+from annotators.seg import ade20k_palette  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _hf_fixtures as fx  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+KEYS = ["k0", "k1", "k2"]
+CAPTION = dict(num_beams=3, max_new_tokens=10, min_new_tokens=3)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_models")
+    torch.manual_seed(0)
+    out = {
+        "dpt": fx.make_dpt_hybrid(str(root / "dpt")),
+        "upernet": fx.make_upernet_convnext(str(root / "upernet")),
+        "blip": fx.make_blip(str(root / "blip")),
+    }
+    yield out
+    hf_models.clear_shared()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return fx.photos(96)
+
+
+def _torch_image(image: np.ndarray):
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------ pre-processing
+
+
+def _processors():
+    from transformers import BlipImageProcessor, ConvNextImageProcessor, DPTImageProcessor
+
+    return {
+        "dpt": DPTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        "depth-anything-like": DPTImageProcessor(
+            size={"height": 70, "width": 70}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3
+        ),
+        "convnext-warp": ConvNextImageProcessor(size={"shortest_edge": 384}),
+        "convnext-crop": ConvNextImageProcessor(size={"shortest_edge": 64}, crop_pct=0.875),
+        "blip": BlipImageProcessor(size={"height": 48, "width": 48}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_processors()))
+def test_batch_preprocessor_matches_image_processor(name, images):
+    proc = _processors()[name]
+    pre = hf_models.BatchPreprocessor(proc)
+    for idx, pixels in hf_models.model_batches(images, pre, torch.device("cpu")):
+        for j, i in enumerate(idx):
+            ref = proc(images=_torch_image(images[i]), return_tensors="pt")["pixel_values"][0]
+            assert pixels[j].shape == ref.shape, name
+            torch.testing.assert_close(pixels[j], ref, atol=1e-5, rtol=0)
+
+
+def test_model_batches_groups_by_model_input_size(images):
+    pre = hf_models.BatchPreprocessor(_processors()["blip"])
+    groups = hf_models.model_batches(images, pre, torch.device("cpu"))
+    # every image lands on 48x48, so the mixed-size batch is one forward batch
+    assert len(groups) == 1 and sorted(groups[0][0]) == [0, 1, 2]
+    pre = hf_models.BatchPreprocessor(_processors()["depth-anything-like"])
+    groups = hf_models.model_batches(images, pre, torch.device("cpu"))
+    assert sorted(i for idx, _ in groups for i in idx) == [0, 1, 2] and len(groups) == 2
+
+
+# --------------------------------------------------------------------- depth
+
+
+def _reference_depth(folder: str, image: np.ndarray) -> np.ndarray:
+    """transformers' own per-image inference + ControlNet's normalisation."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    proc = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    with torch.no_grad():
+        outputs = model(**proc(images=image, return_tensors="pt"))
+    depth = proc.post_process_depth_estimation(outputs, target_sizes=[image.shape[:2]])[0]["predicted_depth"]
+    d = depth.numpy().astype(np.float32)
+    d = d - d.min()
+    d = d / d.max()
+    return (d * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def _close_maps(a: np.ndarray, b: np.ndarray, max_diff: int = 1, min_equal: float = 0.99) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    diff = np.abs(a.astype(np.int32) - b.astype(np.int32))
+    assert diff.max() <= max_diff, diff.max()
+    assert (diff == 0).mean() >= min_equal, (diff == 0).mean()
+
+
+def test_depth_batched_equals_single_and_transformers(models, images):
+    depth = create_annotator("depth", model=models["dpt"], device="cpu")
+    batch = depth.annotate_batch(images, KEYS)
+    assert json.dumps(depth.describe())
+    for image, key, ann in zip(images, KEYS, batch):
+        m = ann.members["depth.png"]
+        assert m.shape == image.shape[:2] and m.dtype == np.uint8
+        assert m.min() == 0 and m.max() == 255 and len(np.unique(m)) > 50
+        assert ann.meta["depth_max"] > ann.meta["depth_min"]
+        single = depth(image, key).members["depth.png"]
+        _close_maps(m, single)
+        _close_maps(m, _reference_depth(models["dpt"], image))
+
+
+def test_depth_16_bit(models, images):
+    d8 = create_annotator("depth", model=models["dpt"], device="cpu").annotate_batch(images, KEYS)
+    d16 = create_annotator("depth", model=models["dpt"], device="cpu", bits=16).annotate_batch(images, KEYS)
+    for a, b in zip(d8, d16):
+        m16 = b.members["depth.png"]
+        assert m16.dtype == np.uint16 and m16.min() == 0 and m16.max() == 65535
+        assert len(np.unique(m16)) > len(np.unique(a.members["depth.png"]))
+        # same normalised depth at a finer step: truncations agree within one 8-bit level
+        assert np.abs(m16.astype(np.int64) // 257 - a.members["depth.png"]).max() <= 1
+    with pytest.raises(ValueError, match="bits"):
+        create_annotator("depth", bits=12)
+
+
+def test_normalize_depth_flat_map_is_black():
+    flat = torch.full((1, 8, 8), 3.0)
+    assert int(normalize_depth(flat).max()) == 0
+
+
+def _controlnet_aux_normal(depth: np.ndarray, bg_th: float) -> np.ndarray:
+    """controlnet-aux's MidasDetector normal map for a given raw depth map:
+    its network is replaced by a module returning that depth, so the whole
+    post-processing is controlnet-aux's own."""
+    from controlnet_aux.midas import MidasDetector
+
+    class FixedDepth(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.d = torch.nn.Parameter(torch.from_numpy(d)[None], requires_grad=False)
+
+        def forward(self, x):
+            return self.d
+
+    h, w = depth.shape
+    detector = MidasDetector(FixedDepth(depth.astype(np.float32)))
+    image = np.zeros((h, w, 3), np.uint8)
+    _, normal = detector(
+        image, bg_th=bg_th, depth_and_normal=True, detect_resolution=h, image_resolution=h, output_type="np"
+    )
+    return normal
+
+
+@pytest.mark.parametrize("bg_th", [0.4, 0.1])
+def test_normals_follow_controlnet(models, images, bg_th):
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    proc = AutoImageProcessor.from_pretrained(models["dpt"])
+    model = AutoModelForDepthEstimation.from_pretrained(models["dpt"]).eval()
+    with torch.no_grad():
+        raw = model(**proc(images=images[0], return_tensors="pt")).predicted_depth  # 1x64x64
+    # at the model's grid, and at a 128 px map (64-multiples keep controlnet-aux from resizing)
+    for depth in (raw, torch.nn.functional.interpolate(raw[:, None], size=(128, 128), mode="bicubic")[:, 0]):
+        ours = normals_from_depth(depth, a=2 * math.pi, bg_th=bg_th)[0].numpy()
+        ref = _controlnet_aux_normal(depth[0].numpy(), bg_th)
+        _close_maps(ours, ref, max_diff=1, min_equal=0.995)
+        rel = (depth[0] - depth.min()) / (depth.max() - depth.min())
+        background = (rel < bg_th).numpy()
+        assert 0 < background.mean() < 1
+        # flat background faces the camera: reversed channels put z first
+        assert (ours[background] == [255, 127, 127]).all()
+
+    # end to end: a 64 px image is annotated at the model's grid, no resize
+    normal = create_annotator("normal", model=models["dpt"], device="cpu", bg_th=bg_th)
+    small = fx.photos(64)[2]
+    with torch.no_grad():
+        raw_small = model(**proc(images=small, return_tensors="pt")).predicted_depth
+    _close_maps(normal(small, "s").members["normal.png"], _controlnet_aux_normal(raw_small[0].numpy(), bg_th),
+                min_equal=0.995)
+
+
+def test_normal_batched_equals_single(models, images):
+    normal = create_annotator("normal", model=models["dpt"], device="cpu")
+    batch = normal.annotate_batch(images, KEYS)
+    for image, key, ann in zip(images, KEYS, batch):
+        m = ann.members["normal.png"]
+        assert m.shape == image.shape[:2] + (3,) and m.dtype == np.uint8
+        _close_maps(m, normal(image, key).members["normal.png"])
+
+
+def test_depth_and_normal_share_one_forward(models, images):
+    depth = create_annotator("depth", model=models["dpt"], device="cpu")
+    normal = create_annotator("normal", model=models["dpt"], device="cpu")
+    depth.setup()
+    normal.setup()
+    assert depth._model is normal._model
+    calls = []
+    hook = depth._model.net.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        batch = list(images)
+        keys = ["a", "b", "c"]
+        d = depth.annotate_batch(batch, keys)
+        n_after_depth = len(calls)
+        n = normal.annotate_batch(batch, keys)
+        # every image is resized to the model's 64x64: one forward for the batch
+        assert n_after_depth == 1
+    finally:
+        hook.remove()
+    assert len(calls) == n_after_depth  # normal reused the prediction
+    normal.annotate_batch(batch, ["x", "y", "z"])  # other keys: runs again
+    assert len(d) == len(n) == 3
+
+
+# ----------------------------------------------------------------- weights
+
+
+def test_missing_local_folder(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(MissingWeightsError) as err:
+        create_annotator("depth", model=str(missing), device="cpu").setup()
+    assert str(missing) in str(err.value) and "\n" not in str(err.value)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(MissingWeightsError) as err:
+        create_annotator("seg", model=str(empty), device="cpu").setup()
+    assert str(empty) in str(err.value) and "notes.txt" in str(err.value)
+
+
+def test_missing_repo_offline_names_cache_and_fix(tmp_path, monkeypatch):
+    cache = tmp_path / "hub-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    for name, repo in (("depth", "Intel/dpt-hybrid-midas"), ("seg", "openmmlab/upernet-convnext-small"),
+                       ("caption", "Salesforce/blip-image-captioning-large")):
+        with pytest.raises(MissingWeightsError) as err:
+            create_annotator(name, device="cpu").setup()
+        msg = str(err.value)
+        assert repo in msg and str(cache) in msg and f"huggingface-cli download {repo}" in msg
+        assert "HF_HUB_OFFLINE" in msg and "\n" not in msg
+    # an alias resolves to its repo id in the message
+    with pytest.raises(MissingWeightsError, match="Intel/dpt-large"):
+        create_annotator("depth", model="dpt-large", device="cpu").setup()
+
+
+def test_repo_id_loads_from_hub_cache_offline(models, images, tmp_path, monkeypatch):
+    """A repo id found in the standard cache layout loads with no network."""
+    cache = tmp_path / "hub"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / "models--test-org--tiny-dpt"
+    shutil.copytree(models["dpt"], repo_dir / "snapshots" / revision)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    from_cache = create_annotator("depth", model="test-org/tiny-dpt", device="cpu")
+    from_folder = create_annotator("depth", model=models["dpt"], device="cpu")
+    a = from_cache(images[0], "c").members["depth.png"]
+    b = from_folder(images[0], "c").members["depth.png"]
+    np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------- seg
+
+
+def _reference_seg(folder: str, image: np.ndarray) -> np.ndarray:
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    proc = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(**proc(images=image, return_tensors="pt")).logits
+    # what transformers' post_process_semantic_segmentation does (ConvNeXt's
+    # processor has none): bilinear resize to the image, arg-max over classes
+    resized = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
+    return resized[0].argmax(0).numpy()
+
+
+def test_seg_batched_equals_single_and_transformers(models, images):
+    seg = create_annotator("seg", model=models["upernet"], device="cpu")
+    batch = seg.annotate_batch(images, KEYS)
+    palette = ade20k_palette()
+    for image, key, ann in zip(images, KEYS, batch):
+        ids = ann.members["seg_ids.png"]
+        colour = ann.members["seg.png"]
+        assert ids.shape == image.shape[:2] and ids.dtype == np.uint8 and ids.max() < 150
+        assert colour.shape == image.shape[:2] + (3,) and colour.dtype == np.uint8
+        np.testing.assert_array_equal(colour, palette[ids])
+        assert len(np.unique(ids)) > 3  # the random model is not degenerate
+        single = seg(image, key).members["seg_ids.png"]
+        assert (single == ids).mean() >= 0.999
+        assert (_reference_seg(models["upernet"], image) == ids).mean() >= 0.99
+        # classes present: exactly the ids in the map, largest first, with their areas
+        meta = ann.meta
+        assert sorted(meta["class_ids"]) == sorted(np.unique(ids).tolist())
+        assert meta["classes"] == [f"class{i}" for i in meta["class_ids"]]
+        counts = np.bincount(ids.ravel(), minlength=150)
+        assert meta["class_fractions"] == sorted(meta["class_fractions"], reverse=True)
+        assert meta["class_fractions"][0] == pytest.approx(counts.max() / ids.size, abs=1e-6)
+        assert sum(meta["class_fractions"]) == pytest.approx(1.0, abs=1e-4)
+    assert json.dumps([a.meta for a in batch])
+
+
+def test_ade20k_palette_is_controlnets():
+    from controlnet_aux.util import ade_palette
+
+    np.testing.assert_array_equal(ade20k_palette(), np.array(ade_palette(), dtype=np.uint8))
+    assert ade20k_palette().shape == (150, 3)
+
+
+def test_seg_refuses_a_cropping_processor(models, tmp_path):
+    folder = tmp_path / "cropping"
+    shutil.copytree(models["upernet"], folder)
+    cfg_path = folder / "preprocessor_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["size"] = {"shortest_edge": 128}  # < 384: ConvNeXt resizes then centre-crops
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="crops"):
+        create_annotator("seg", model=str(folder), device="cpu").setup()
+
+
+# ------------------------------------------------------------------ caption
+
+
+def _reference_caption(folder: str, image: np.ndarray, prefix: str) -> str:
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(folder)
+    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    inputs = proc(images=image, text=prefix or None, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, **CAPTION)
+    return proc.decode(out[0], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("prefix", ["", "a photo of"])
+def test_caption_batched_equals_single_and_transformers(models, images, prefix):
+    cap = create_annotator("caption", model=models["blip"], device="cpu", prefix=prefix, **CAPTION)
+    batch = cap.annotate_batch(images, KEYS)
+    texts = [a.members["txt"] for a in batch]
+    assert all(isinstance(t, str) and t for t in texts)
+    assert len(set(texts)) > 1  # captions depend on the image
+    for image, key, ann in zip(images, KEYS, batch):
+        assert cap(image, key).members["txt"] == ann.members["txt"]
+        assert ann.members["txt"] == _reference_caption(models["blip"], image, prefix)
+        if prefix:
+            assert ann.members["txt"].startswith(prefix)
+        gen = ann.meta["generation"]
+        assert gen["num_beams"] == 3 and gen["max_new_tokens"] == 10 and gen["prefix"] == prefix
+        assert ann.meta["generated_caption"] == ann.members["txt"]
+    assert json.dumps([a.meta for a in batch])
+
+
+def test_choose_caption_policies():
+    text, meta = choose_caption("a red car", "a car on a road", "generated")
+    assert text == "a car on a road" and meta["caption_source"] == "generated"
+    assert meta["input_caption"] == "a red car" and meta["generated_caption"] == "a car on a road"
+    text, meta = choose_caption("  a red car ", "a car on a road", "keep_input")
+    assert text == "a red car" and meta["caption_source"] == "input"
+    for missing in (None, "", "   "):
+        text, meta = choose_caption(missing, "a car", "keep_input")
+        assert text == "a car" and meta["caption_source"] == "generated" and meta["input_caption"] is None
+    with pytest.raises(ValueError, match="policy"):
+        choose_caption("x", "y", "merge")
+    cap = create_annotator("caption", policy="keep_input")
+    assert cap.choose("given", "made")[0] == "given"
+    with pytest.raises(ValueError):
+        create_annotator("caption", min_new_tokens=30, max_new_tokens=20)
+
+
+# ---------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_close_to_fp32(models, images):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    fp32 = create_annotator("depth", model=models["dpt"], device="cuda", precision="fp32")
+    bf16 = create_annotator("depth", model=models["dpt"], device="cuda", precision="bf16")
+    for a, b in zip(fp32.annotate_batch(images, KEYS), bf16.annotate_batch(images, KEYS)):
+        diff = np.abs(a.members["depth.png"].astype(int) - b.members["depth.png"].astype(int))
+        assert np.mean(diff <= 8) > 0.95
+    seg32 = create_annotator("seg", model=models["upernet"], device="cuda", precision="fp32")
+    seg16 = create_annotator("seg", model=models["upernet"], device="cuda", precision="bf16")
+    for a, b in zip(seg32.annotate_batch(images, KEYS), seg16.annotate_batch(images, KEYS)):
+        assert (a.members["seg_ids.png"] == b.members["seg_ids.png"]).mean() > 0.9
