@@ -1,0 +1,246 @@
+"""Training throughput: ControlNet locked / unlocked and plain UNet fine-tuning,
+a diffusers-style step against the trainer's optimised step, in one run.
+
+SD 1.5 architecture with random weights (the configuration is public and
+built here in code, nothing is downloaded), 512 px, bf16, on one GPU::
+
+    python bench/bench_training.py                 # GPU, SD1.5 shapes, 512 px
+    python bench/bench_training.py --smoke         # tiny model on CPU (checks the script)
+
+Two step styles are measured for each of ``finetune``, ``locked``, ``unlocked``:
+
+* ``diffusers``: what ``train_controlnet.py`` does every step: VAE-encode the
+  images and run the text encoder, then the UNet (+ ControlNet) forward and
+  backward; frozen weights in bf16, trained ones in fp32 under autocast,
+  AdamW (for-each), contiguous (NCHW) tensors.
+* ``optimised``: latents and text embeddings come precomputed (a caching
+  stage that runs the VAE and text encoder once per sample, not once per
+  epoch, so neither network is on the GPU while training), channels-last
+  memory format, fused AdamW, optional ``torch.compile``.
+
+Prints one JSON summary (device, date, command, per-configuration images/s
+and peak memory, and the speed-up of the optimised locked step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KINDS = ("finetune", "locked", "unlocked")
+STYLES = ("diffusers", "optimised")
+
+
+def sd15_components() -> dict:
+    """Stable Diffusion 1.5's UNet, VAE and CLIP text encoder shapes, random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.18215,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+    ))
+    return {"unet": unet, "vae": vae, "text_encoder": text, "text_len": 77}
+
+
+def tiny_components() -> dict:
+    from training.tiny import tiny_components as tiny
+
+    c = tiny()
+    return {"unet": c["unet"], "vae": c["vae"], "text_encoder": c["text_encoder"], "text_len": 77}
+
+
+def run_config(kind: str, style: str, comps: dict, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Measure one (kind, style): images/s over ``args.steps`` timed steps, peak memory."""
+    from diffusers import ControlNetModel, DDPMScheduler
+
+    from training.models import decoder_modules
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    optimised = style == "optimised"
+    unet = copy.deepcopy(comps["unet"])
+    controlnet = ControlNetModel.from_unet(unet) if kind != "finetune" else None
+
+    # Trained parameters stay fp32 (master weights); frozen ones are stored in dtype.
+    if kind == "finetune":
+        trained = list(unet.parameters())
+    else:
+        trained = list(controlnet.parameters())
+        keep = {id(p) for m in decoder_modules(unet) for p in m.parameters()} if kind == "unlocked" else set()
+        for p in unet.parameters():
+            if id(p) not in keep:
+                p.data = p.data.to(dtype)
+        if kind == "unlocked":
+            trained += [p for m in decoder_modules(unet) for p in m.parameters()]
+    ids = {id(p) for p in trained}
+    for m in (unet, controlnet):
+        if m is not None:
+            for p in m.parameters():
+                p.requires_grad_(id(p) in ids)
+            m.to(device).train()
+            if optimised and args.channels_last:
+                m.to(memory_format=torch.channels_last)
+    vae = text_encoder = None
+    if not optimised:  # the diffusers-style step runs both every step
+        vae = copy.deepcopy(comps["vae"]).to(device, dtype).requires_grad_(False).eval()
+        text_encoder = copy.deepcopy(comps["text_encoder"]).to(device, dtype).requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, fused=optimised and device.type == "cuda")
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+    def model(noisy, t, text, cond):
+        kw = {}
+        if controlnet is not None:
+            down, mid = controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+            kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return unet(noisy, t, encoder_hidden_states=text, return_dict=False, **kw)[0]
+
+    if optimised and args.compile:
+        model = torch.compile(model)
+
+    b, r = args.batch_size, args.resolution
+    gen = torch.Generator(device=device).manual_seed(0)
+    pixels = torch.rand(b, 3, r, r, device=device, generator=gen) * 2 - 1
+    cond = torch.rand(b, 3, r, r, device=device, generator=gen)
+    ids_ = torch.randint(0, 500, (b, comps["text_len"]), device=device, generator=gen)
+    # The optimised step reads what a caching stage wrote: latents and text embeddings.
+    cached_latents = torch.randn(b, 4, r // 8, r // 8, device=device, generator=gen)
+    cached_text = torch.randn(b, comps["text_len"], comps["text_encoder"].config.hidden_size, device=device, generator=gen).to(dtype)
+    if optimised and args.channels_last:
+        cond = cond.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if optimised:
+                latents, text = cached_latents, cached_text
+            else:
+                with torch.no_grad():
+                    latents = vae.encode(pixels.to(dtype)).latent_dist.sample(gen) * vae.config.scaling_factor
+                    text = text_encoder(ids_, return_dict=False)[0]
+            noise = torch.randn(latents.shape, device=device, generator=gen)
+            t = torch.randint(0, 1000, (b,), device=device, generator=gen)
+            noisy = sched.add_noise(latents.float(), noise, t)
+            if optimised and args.channels_last:
+                noisy = noisy.contiguous(memory_format=torch.channels_last)
+            pred = model(noisy, t, text, cond)
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    elapsed = time.perf_counter() - t0
+    result = {
+        "kind": kind,
+        "style": style,
+        "images_per_s": round(b * args.steps / elapsed, 3),
+        "step_ms": round(1000 * elapsed / args.steps, 2),
+        "trainable_params": sum(p.numel() for p in trained),
+        "final_loss": float(loss),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    del unet, controlnet, vae, text_encoder, optimizer, model
+    gc.collect()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny model, 64 px, CPU-sized: checks the script runs")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the optimised step (default: on for CUDA)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke:
+        args.batch_size, args.resolution, args.steps, args.warmup = 2, 64, 2, 1
+        if device.type == "cpu":
+            args.precision = "fp32"
+    if args.compile is None:
+        args.compile = device.type == "cuda" and not args.smoke
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    comps = tiny_components() if args.smoke else sd15_components()
+
+    results = [run_config(k, s, comps, args, device, dtype) for k in args.kinds for s in STYLES]
+    by = {(r["kind"], r["style"]): r for r in results}
+    speedups = {}
+    for k in args.kinds:
+        base, ours = by[(k, "diffusers")], by[(k, "optimised")]
+        speedups[k] = {
+            "images_per_s_ratio": round(ours["images_per_s"] / base["images_per_s"], 3),
+            **({"memory_ratio": round(ours["peak_memory_gib"] / base["peak_memory_gib"], 3)} if "peak_memory_gib" in ours else {}),
+        }
+    summary = {
+        "benchmark": "training_throughput",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + (argv if argv is not None else sys.argv[1:])),
+        "torch": torch.__version__,
+        "model": "tiny random (smoke)" if args.smoke else "SD1.5 architecture, random weights",
+        "batch_size": args.batch_size,
+        "resolution": args.resolution,
+        "precision": args.precision,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "steps": args.steps,
+        "results": results,
+        "speedup_optimised_vs_diffusers": speedups,
+        "target": "locked: images_per_s_ratio >= 2 with memory_ratio <= 1",
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
