@@ -42,6 +42,7 @@ def _cfg(tiny_base, shards, out, **kw) -> TrainConfig:
         resolution=64, train_batch_size=2, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
         unlock_at=3, dataloader_num_workers=2, shuffle_buffer=4, learning_rate=1e-4, validation_steps=6,
         validation_shards=shards["val"], num_validation_images=2, validation_inference_steps=2, report_to="none",
+        use_ema=True, ema_decay=0.5,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -293,6 +294,13 @@ def test_exports_load_back(full_run):
     assert all(torch.equal(single.state_dict()[k], ref[k].half().float()) for k in ref)
     # The ControlNet trained: its zero convolutions are no longer zero.
     assert ref["controlnet_mid_block.weight"].abs().sum() > 0
+    # With --use-ema the export holds the averaged weights, not the last step's.
+    last = load_file(os.path.join(out, "checkpoint-6", "trainable.safetensors"))
+    ema = load_file(os.path.join(out, "checkpoint-6", "ema.safetensors"))
+    w = ref["controlnet_mid_block.weight"]
+    assert not torch.equal(w, last["controlnet.controlnet_mid_block.weight"])
+    names = [n for n in last if n.startswith("controlnet.")]
+    assert len(ema) == len(names)
 
 
 def test_generate_cli(full_run, tiny_base, shards, tmp_path):
