@@ -72,6 +72,7 @@ class CaptionModel:
     """A loaded BLIP captioner on one device (shared per process)."""
 
     def __init__(self, model: str, device: Any, dtype: Any) -> None:
+        import torch
         from transformers import AutoProcessor, BlipForConditionalGeneration
 
         from annotators.hf_models import BatchPreprocessor, load_pretrained
@@ -81,7 +82,8 @@ class CaptionModel:
         self.tokenizer = self.processor.tokenizer
         self.preprocess = BatchPreprocessor(self.processor.image_processor)
         net = load_pretrained(BlipForConditionalGeneration, model, what="caption model")
-        self.net = net.to(device).eval()
+        # fp32 weights whatever the checkpoint holds; reduced precision runs under autocast
+        self.net = net.to(device=device, dtype=torch.float32).eval()
 
     def prompt_ids(self, prefix: str):
         """Token ids of the text prefix as BlipProcessor builds them, or None."""

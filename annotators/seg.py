@@ -109,7 +109,8 @@ class SegModel:
                 f"segmentation model {model!r} has {n} classes; seg needs an ADE20K model "
                 f"({ADE20K_CLASSES} classes) so seg.png uses ControlNet's palette"
             )
-        self.net = net.to(device).eval()
+        # fp32 weights whatever the checkpoint holds; reduced precision runs under autocast
+        self.net = net.to(device=device, dtype=torch.float32).eval()
         id2label = getattr(net.config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
         self.palette = torch.from_numpy(ade20k_palette()).to(device)

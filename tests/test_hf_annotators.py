@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import functools
 import shutil
 import sys
 
@@ -95,12 +96,19 @@ def test_model_batches_groups_by_model_input_size(images):
 # --------------------------------------------------------------------- depth
 
 
+@functools.lru_cache(maxsize=None)
+def _reference_model(folder: str, model_class: str):
+    """transformers' own processor and model for a folder, loaded directly."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    cls = getattr(transformers, model_class)
+    loader = AutoProcessor if model_class.startswith("Blip") else AutoImageProcessor
+    return loader.from_pretrained(folder), cls.from_pretrained(folder).eval()
+
+
 def _reference_depth(folder: str, image: np.ndarray) -> np.ndarray:
     """transformers' own per-image inference + ControlNet's normalisation."""
-    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
-
-    proc = AutoImageProcessor.from_pretrained(folder)
-    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    proc, model = _reference_model(folder, "AutoModelForDepthEstimation")
     with torch.no_grad():
         outputs = model(**proc(images=image, return_tensors="pt"))
     depth = proc.post_process_depth_estimation(outputs, target_sizes=[image.shape[:2]])[0]["predicted_depth"]
@@ -287,10 +295,7 @@ def test_repo_id_loads_from_hub_cache_offline(models, images, tmp_path, monkeypa
 
 
 def _reference_seg(folder: str, image: np.ndarray) -> np.ndarray:
-    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
-
-    proc = AutoImageProcessor.from_pretrained(folder)
-    model = AutoModelForSemanticSegmentation.from_pretrained(folder).eval()
+    proc, model = _reference_model(folder, "AutoModelForSemanticSegmentation")
     with torch.no_grad():
         logits = model(**proc(images=image, return_tensors="pt")).logits
     # what transformers' post_process_semantic_segmentation does (ConvNeXt's
@@ -346,10 +351,7 @@ def test_seg_refuses_a_cropping_processor(models, tmp_path):
 
 
 def _reference_caption(folder: str, image: np.ndarray, prefix: str) -> str:
-    from transformers import AutoProcessor, BlipForConditionalGeneration
-
-    proc = AutoProcessor.from_pretrained(folder)
-    model = BlipForConditionalGeneration.from_pretrained(folder).eval()
+    proc, model = _reference_model(folder, "BlipForConditionalGeneration")
     inputs = proc(images=image, text=prefix or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, **CAPTION)
