@@ -29,6 +29,9 @@ from annotators.registry import (
 # Built-in annotators: importing a module registers it.
 from annotators import canny as _canny  # noqa: E402,F401
 from annotators import hough as _hough  # noqa: E402,F401
+from annotators import hed as _hed  # noqa: E402,F401
+from annotators import mlsd as _mlsd  # noqa: E402,F401
+from annotators import openpose as _openpose  # noqa: E402,F401
 from annotators import depth as _depth  # noqa: E402,F401
 from annotators import seg as _seg  # noqa: E402,F401
 from annotators import caption as _caption  # noqa: E402,F401

@@ -168,6 +168,12 @@ class BodyGeometry:
         pre = smart_interp((height, width), (ht, wt))
         self.pre_y = resize_matrix(height, self.sh, pre)
         self.pre_x = resize_matrix(width, self.sw, pre)
+        # OpenCV enlarges uint8 images with 11-bit fixed-point taps and rounds
+        # half up; shrinking (INTER_AREA) works in float and rounds to even.
+        self.fixed_point = pre == "lanczos4"
+        if self.fixed_point:
+            self.pre_y = np.round(self.pre_y * 2048) / 2048
+            self.pre_x = np.round(self.pre_x * 2048) / 2048
         post = smart_interp((self.sh, self.sw), (height, width))
         up_y = resize_matrix(self.oh, self.ph, "lanczos4")[: self.sh]
         up_x = resize_matrix(self.ow, self.pw, "lanczos4")[: self.sw]
@@ -200,11 +206,13 @@ def body_input(batch_rgb: Any, geo: BodyGeometry) -> Any:
     """(N, 3, ph, pw) network input from an (N, 3, H, W) float RGB 0..255 batch:
     BGR, resized like OpenCV (rounded to whole values), padded right/bottom
     with 128, scaled to -0.5..0.5."""
+    import torch
     import torch.nn.functional as F
 
     m = geo.on(batch_rgb.device)
     x = batch_rgb.flip(1)
-    x = (m["pre_y"] @ x @ m["pre_x"].T).round().clamp(0, 255)
+    x = m["pre_y"] @ x @ m["pre_x"].T
+    x = (torch.floor(x + 0.5) if geo.fixed_point else x.round()).clamp(0, 255)
     x = F.pad(x, (0, geo.pw - geo.sw, 0, geo.ph - geo.sh), value=float(PAD_VALUE))
     return x / 256.0 - 0.5
 

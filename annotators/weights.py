@@ -252,8 +252,21 @@ def fetch(names: Iterable[str] | None = None, dest: str | os.PathLike | None = N
             f"cannot download {', '.join(files)}: HF_HUB_OFFLINE is set; unset it on a machine "
             f"with network access, or copy the files from https://huggingface.co/{REPO_ID}"
         )
+    import logging
+
     from huggingface_hub import hf_hub_download
 
+    # The hub client logs every retry; the failure is reported once below.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return _download(files, dest, hf_hub_download)
+    finally:
+        hub_log.setLevel(level)
+
+
+def _download(files: list[str], dest, hf_hub_download) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in files:
         try:

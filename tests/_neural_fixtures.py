@@ -212,3 +212,37 @@ def save_weights(folder: str, names: tuple[str, ...] = ("hed", "mlsd", "openpose
         nets["facenet.pth"] = face_net()
         torch.save(nets["facenet.pth"].state_dict(), os.path.join(folder, "facenet.pth"))
     return nets
+
+
+def synthetic_hand_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Replacement for ``handpose_model.forward``: 21 blobs on a ring (one per
+    part, a weaker second blob for some parts so the connected-component
+    choice matters) and a background channel."""
+    n, _, h, w = x.shape
+    oh, ow = h // 8, w // 8
+    yy, xx = np.mgrid[0:oh, 0:ow].astype(np.float64)
+    maps = np.zeros((22, oh, ow))
+    for part in range(21):
+        a = 2 * math.pi * part / 21
+        cx, cy = ow / 2 + 0.3 * ow * math.cos(a), oh / 2 + 0.3 * oh * math.sin(a)
+        maps[part] = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (0.06 * ow) ** 2))
+        if part % 3 == 0:
+            maps[part] += 0.6 * np.exp(-((xx - ow / 2) ** 2 + (yy - oh / 2) ** 2) / (2 * (0.04 * ow) ** 2))
+    maps[21] = 1 - maps[:21].max(0)
+    out = torch.as_tensor(maps, dtype=torch.float32)[None].repeat(n, 1, 1, 1)
+    return out.to(x.device, x.dtype)
+
+
+def synthetic_face_forward(self, x: torch.Tensor) -> list:
+    """Replacement for ``FaceNet.forward``: 70 landmark blobs on an ellipse and
+    no background response; the last list item is what detectors read."""
+    n, _, h, w = x.shape
+    oh, ow = h // 8, w // 8
+    yy, xx = np.mgrid[0:oh, 0:ow].astype(np.float64)
+    maps = np.zeros((71, oh, ow))
+    for part in range(70):
+        a = 2 * math.pi * part / 70
+        cx, cy = ow / 2 + 0.35 * ow * math.cos(a), oh / 2 + 0.42 * oh * math.sin(a)
+        maps[part] = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.2**2))
+    out = torch.as_tensor(maps, dtype=torch.float32)[None].repeat(n, 1, 1, 1)
+    return [out.to(x.device, x.dtype)]

@@ -1,0 +1,395 @@
+"""HED, M-LSD and OpenPose: faithful to controlnet-aux with the same (seeded
+random) weights, batch-invariant, and clear about missing weights."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _neural_fixtures as fx  # noqa: E402
+
+from annotators import MissingWeightsError, create_annotator  # noqa: E402
+from annotators import weights as W  # noqa: E402
+
+warnings.filterwarnings("ignore", category=UserWarning)
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    nets = fx.save_weights(str(folder))
+    return str(folder), nets
+
+
+def _photos() -> list[np.ndarray]:
+    """Real photos at sizes controlnet-aux's resize_image leaves unchanged."""
+    return [
+        cv2.resize(data.astronaut(), (192, 128), interpolation=cv2.INTER_AREA),
+        np.ascontiguousarray(data.chelsea()[:256:2, :384:2]),
+        cv2.resize(data.coffee(), (256, 192), interpolation=cv2.INTER_AREA),
+    ]
+
+
+def _reference(name: str, folder: str, nets: dict):
+    if name == "hed":
+        from controlnet_aux.hed import HEDdetector
+
+        return HEDdetector(nets["ControlNetHED.pth"])
+    if name == "mlsd":
+        from controlnet_aux.mlsd import MLSDdetector
+
+        return MLSDdetector(nets["mlsd_large_512_fp32.pth"])
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import Body
+    from controlnet_aux.open_pose.face import Face
+    from controlnet_aux.open_pose.hand import Hand
+
+    return OpenposeDetector(
+        Body(os.path.join(folder, "body_pose_model.pth")),
+        Hand(os.path.join(folder, "hand_pose_model.pth")),
+        Face(os.path.join(folder, "facenet.pth")),
+    )
+
+
+def _ref_call(det, image, **kw):
+    side = min(image.shape[:2])
+    out = det(image, detect_resolution=side, image_resolution=side, output_type="np", **kw)
+    assert out.shape[:2] == image.shape[:2]
+    return out
+
+
+def _pixel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of pixels that differ in any channel."""
+    a = a if a.ndim == 3 else a[..., None]
+    b = b if b.ndim == 3 else b[..., None]
+    return float(np.any(a != b, axis=-1).mean())
+
+
+# --------------------------------------------------------------------------
+# Faithful outputs, parametrised over the three annotators.
+
+
+@pytest.mark.parametrize("name", ["hed", "mlsd", "openpose"])
+def test_matches_controlnet_aux_with_same_weights(name, weights_dir, monkeypatch):
+    folder, nets = weights_dir
+    ref = _reference(name, folder, nets)
+    ours = create_annotator(name, weights=folder, device="cpu", precision="fp32")
+    # the real body network is slow on two CPU cores: two photos suffice there
+    for image in _photos()[: 2 if name == "openpose" else 3]:
+        got = ours(image) if name != "openpose" else None
+        if name == "hed":
+            want = _ref_call(ref, image)[..., 0]
+            hed = got.members["hed.png"]
+            assert hed.shape == image.shape[:2] and hed.dtype == np.uint8
+            assert want.std() > 20, "weights should give a map with contrast"
+            assert np.abs(hed.astype(int) - want.astype(int)).mean() <= 2.0
+        elif name == "mlsd":
+            want = _ref_call(ref, image, thr_v=0.1, thr_d=0.1)[..., 0]
+            assert (want > 0).mean() > 0.005, "reference should decode real lines"
+            assert got.meta["lines"] > 0
+            assert _pixel_diff(got.members["mlsd.png"], want) <= 0.01
+        else:
+            # Random body weights: the raw maps are noise, but the network
+            # input (BGR, INTER_AREA to scale 0.5 of 368, padding) must match.
+            from controlnet_aux.open_pose.model import bodypose_model
+
+            seen = []
+            real = bodypose_model.forward
+
+            def spy(self, x):
+                seen.append(x.detach().float().clone())
+                return real(self, x)
+
+            monkeypatch.setattr(bodypose_model, "forward", spy)
+            want = _ref_call(ref, image)
+            got = ours(image)
+            monkeypatch.setattr(bodypose_model, "forward", real)
+            assert len(seen) == 2 and seen[0].shape == seen[1].shape
+            step = (seen[0] - seen[1]).abs() * 256
+            assert step.max() <= 1.0 + 1e-4 and (step > 0.5).float().mean() < 0.01
+            assert got.members["openpose.png"].shape == image.shape
+            assert _pixel_diff(got.members["openpose.png"], want) <= 0.01
+
+
+def test_hed_safe_and_scribble_match(weights_dir):
+    folder, nets = weights_dir
+    ref = _reference("hed", folder, nets)
+    ours = create_annotator("hed", weights=folder, device="cpu", safe=True, scribble=True)
+    assert ours.members == ("hed.png", "scribble.png")
+    image = _photos()[1]
+    got = ours(image)
+    want = _ref_call(ref, image, safe=True)[..., 0]
+    assert set(np.unique(got.members["hed.png"])) <= {0, 127, 255}
+    assert np.abs(got.members["hed.png"].astype(int) - want).mean() <= 2.0
+    scribble = _ref_call(ref, image, safe=True, scribble=True)[..., 0]
+    assert 0.01 < (scribble > 0).mean() < 0.99
+    assert _pixel_diff(got.members["scribble.png"], scribble) <= 0.01
+
+
+def _skeleton_images():
+    base = cv2.resize(data.astronaut(), (256, 192), interpolation=cv2.INTER_AREA)
+    return [(scene, fx.mark(base, scene)) for scene in fx.SCENES]
+
+
+def _keypoints_px(pose, w, h) -> np.ndarray:
+    return np.array([[k.x * w, k.y * h] if k is not None else [np.nan, np.nan] for k in pose.body.keypoints])
+
+
+@pytest.mark.parametrize("scene", sorted(fx.SCENES))
+def test_openpose_detections_match_on_synthetic_skeletons(scene, weights_dir, monkeypatch):
+    """Network output replaced on both sides by heatmaps/PAFs of known
+    skeletons: peaks, limb association and drawing are compared on real
+    detections (one person, several, partly occluded)."""
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    folder, nets = weights_dir
+    image = dict(_skeleton_images())[scene]
+    h, w = image.shape[:2]
+    monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(h, w))
+    ref = _reference("openpose", folder, nets)
+    ours = create_annotator("openpose", weights=folder, device="cpu")
+
+    want_map = _ref_call(ref, image)
+    want = ref.detect_poses(image)
+    got = ours(image)
+
+    truth = fx.SCENES[scene]
+    assert len(want) == len(truth), "the synthetic scene should be detected in full"
+    assert got.meta["people"] == len(want)
+    visible = sum(int((~np.isnan(p[:, 0])).sum()) for p in truth)
+    assert got.meta["keypoints"] == visible
+    assert _pixel_diff(got.members["openpose.png"], want_map) <= 0.01
+    assert (want_map.sum(-1) > 0).mean() > 0.01
+
+    doc = got.members["openpose.json"]
+    json.dumps(doc)
+    assert doc["canvas_width"] == w and doc["canvas_height"] == h
+    ours_kp = [np.array(p["pose_keypoints_2d"]).reshape(18, 3) for p in doc["people"]]
+    for pose, mine in zip(want, ours_kp):
+        ref_kp = _keypoints_px(pose, w, h)
+        present = ~np.isnan(ref_kp[:, 0])
+        np.testing.assert_array_equal(present, mine[:, 2] > 0)
+        assert np.abs(ref_kp[present] - mine[present, :2]).max() <= 2.0
+    # and the detections are where the skeletons were drawn (within a few px)
+    for mine in ours_kp:
+        dists = [np.nanmax(np.abs(t * [w, h] - mine[:, :2])[mine[:, 2] > 0]) for t in truth]
+        assert min(dists) < 8.0
+
+
+def test_openpose_hands_and_face_match(weights_dir, monkeypatch):
+    """Hands and face on the one-person scene, every network replaced by
+    synthetic maps on both sides (the real ones at 736 px are too slow here)."""
+    from controlnet_aux.open_pose.face import FaceNet
+    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
+
+    if "matplotlib" not in sys.modules:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            # controlnet-aux imports matplotlib only for hsv_to_rgb when drawing hands
+            shim = types.ModuleType("matplotlib")
+            shim.colors = types.SimpleNamespace(hsv_to_rgb=lambda hsv: np.array(colorsys.hsv_to_rgb(*hsv)))
+            monkeypatch.setitem(sys.modules, "matplotlib", shim)
+    folder, nets = weights_dir
+    image = dict(_skeleton_images())[40]
+    h, w = image.shape[:2]
+    monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(h, w))
+    monkeypatch.setattr(handpose_model, "forward", fx.synthetic_hand_forward)
+    monkeypatch.setattr(FaceNet, "forward", fx.synthetic_face_forward)
+    ref = _reference("openpose", folder, nets)
+    ours = create_annotator("openpose", weights=folder, device="cpu", hands=True, face=True)
+
+    want_map = _ref_call(ref, image, include_hand=True, include_face=True)
+    want = ref.detect_poses(image, include_hand=True, include_face=True)
+    got = ours(image)
+    assert len(want) == 1 and want[0].left_hand and want[0].right_hand and want[0].face
+    assert _pixel_diff(got.members["openpose.png"], want_map) <= 0.01
+    person = got.members["openpose.json"]["people"][0]
+    for side, ref_hand in (("left", want[0].left_hand), ("right", want[0].right_hand)):
+        mine = np.array(person[f"hand_{side}_keypoints_2d"]).reshape(21, 3)
+        ref_px = np.array([[k.x * w, k.y * h] for k in ref_hand])
+        found = ref_px[:, 0] >= 0
+        np.testing.assert_array_equal(found, mine[:, 2] > 0)
+        assert np.abs(ref_px[found] - mine[found, :2]).max() <= 2.0
+    face = np.array(person["face_keypoints_2d"]).reshape(70, 3)
+    assert got.meta["face_keypoints"] == int((face[:, 2] > 0).sum()) > 50
+    assert got.meta["hand_keypoints"] > 30
+
+
+# --------------------------------------------------------------------------
+# Batching.
+
+
+@pytest.mark.parametrize("name", ["hed", "mlsd", "openpose"])
+def test_batch_equals_one_at_a_time(name, weights_dir, monkeypatch):
+    folder, _ = weights_dir
+    if name == "openpose":
+        from controlnet_aux.open_pose.model import bodypose_model
+
+        monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(192, 256))
+        images = [im for _, im in _skeleton_images()] + [_photos()[0]]
+    else:
+        images = _photos() + [_photos()[1][::-1].copy()]  # two sizes, mixed order
+    opts = {"scribble": True} if name == "hed" else {}
+    ann = create_annotator(name, weights=folder, device="cpu", **opts)
+    batch = ann.annotate_batch(images, ["k"] * len(images))
+    assert len(batch) == len(images)
+    for image, got in zip(images, batch):
+        one = ann(image)
+        assert got.meta == one.meta
+        for member, value in one.members.items():
+            if isinstance(value, np.ndarray):
+                assert value.shape[:2] == image.shape[:2]
+                np.testing.assert_array_equal(got.members[member], value)
+            else:
+                assert got.members[member] == value
+    if name == "openpose":
+        assert [b.meta["people"] for b in batch] == [len(fx.SCENES[s]) for s in fx.SCENES] + [0]
+
+
+def test_other_detect_resolution_keeps_the_sample_size(weights_dir):
+    folder, _ = weights_dir
+    image = np.ascontiguousarray(data.chelsea()[:150:, :200])
+    for name in ("hed", "mlsd", "openpose"):
+        got = create_annotator(name, weights=folder, device="cpu", detect_resolution=128)(image)
+        png = got.members[f"{name}.png"]
+        assert png.shape[:2] == image.shape[:2] and png.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------
+# Weights and the registry.
+
+
+@pytest.mark.parametrize(
+    "name,opts,missing",
+    [
+        ("hed", {}, "ControlNetHED.pth"),
+        ("mlsd", {}, "mlsd_large_512_fp32.pth"),
+        ("openpose", {}, "body_pose_model.pth"),
+        ("openpose", {"hands": True, "face": True}, "hand_pose_model.pth, facenet.pth"),
+    ],
+)
+def test_missing_weights_name_file_and_place(name, opts, missing, tmp_path, weights_dir, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    folder, _ = weights_dir
+    if name == "openpose" and opts:
+        # body present, hand and face missing: both named at once
+        import shutil
+
+        shutil.copy(os.path.join(folder, "body_pose_model.pth"), empty / "body_pose_model.pth")
+    ann = create_annotator(name, weights=str(empty), device="cpu", **opts)
+    with pytest.raises(MissingWeightsError) as err:
+        ann.setup()
+    msg = str(err.value)
+    assert missing in msg and str(empty) in msg and "controlset weights fetch" in msg
+    assert "\n" not in msg
+    # without a folder: the Hugging Face cache is searched (here an empty one)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(MissingWeightsError) as err:
+        create_annotator(name, device="cpu").setup()
+    assert "Hugging Face cache" in str(err.value) and W.REPO_ID in str(err.value)
+
+
+def test_hf_cache_is_used_and_checked(tmp_path, weights_dir, monkeypatch):
+    """A file in the hub cache layout is found without --weights, and checked
+    against the content hash it is stored under."""
+    folder, _ = weights_dir
+    src = os.path.join(folder, "mlsd_large_512_fp32.pth")
+    repo = tmp_path / "hub" / "models--lllyasviel--Annotators"
+    digest = W.sha256_of(src)
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    snap = repo / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    blob = repo / "blobs" / digest
+    blob.write_bytes(open(src, "rb").read())
+    (snap / "mlsd_large_512_fp32.pth").symlink_to(blob)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    ann = create_annotator("mlsd", device="cpu")
+    ann.setup()
+    assert ann(_photos()[0]).members["mlsd.png"].shape == (128, 192)
+    # a corrupted blob fails the check
+    W._VERIFIED.clear()
+    data_ = bytearray(blob.read_bytes())
+    data_[-1] ^= 1
+    blob.write_bytes(bytes(data_))
+    with pytest.raises(W.WeightsChecksumError):
+        create_annotator("mlsd", device="cpu").setup()
+
+
+def test_state_dicts_load_safely(tmp_path):
+    t = {"a": torch.arange(3.0)}
+    torch.save(t, tmp_path / "x.pth")
+    assert torch.equal(W.load_state_dict(tmp_path / "x.pth")["a"], t["a"])
+    from safetensors.torch import save_file
+
+    save_file(t, str(tmp_path / "x.safetensors"))
+    assert torch.equal(W.load_state_dict(tmp_path / "x.safetensors")["a"], t["a"])
+    torch.save({"a": types.SimpleNamespace(evil=1)}, tmp_path / "bad.pth")
+    with pytest.raises(Exception):
+        W.load_state_dict(tmp_path / "bad.pth")  # weights_only refuses arbitrary objects
+
+
+def test_registry_level_behaviour():
+    ann = create_annotator("openpose", hands=True, weights="/w", precision="bf16")
+    assert ann.members == ("openpose.png", "openpose.json") and ann.uses_gpu
+    assert ann.params["hands"] is True and ann.params["weights"] == "/w"
+    json.dumps(ann.describe())
+    assert create_annotator("mlsd").params["thr_v"] == 0.1 == create_annotator("mlsd").params["thr_d"]
+    assert create_annotator("hed").members == ("hed.png",)
+    with pytest.raises(TypeError, match="valid options"):
+        create_annotator("hed", scrible=True)
+    with pytest.raises(ValueError):
+        create_annotator("mlsd", precision="fp64")
+    # listing/creating annotators does not import torch or controlnet_aux
+    code = (
+        "import sys, annotators; annotators.create_annotator('openpose'); "
+        "print(any(m in sys.modules for m in ('torch', 'controlnet_aux')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_weights_cli(tmp_path, weights_dir):
+    folder, _ = weights_dir
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    run = lambda *a: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "controlset", "weights", *a], capture_output=True, text=True, env=env
+    )
+    out = run("list", "--weights", folder)
+    assert out.returncode == 0
+    assert os.path.join(folder, "ControlNetHED.pth") in out.stdout
+    out = run("list")
+    assert out.returncode == 0 and out.stdout.count("MISSING") == 5
+    out = run("fetch", "hed")
+    assert out.returncode == 2 and "HF_HUB_OFFLINE" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = run("fetch", "nonsense")
+    assert out.returncode == 2 and "valid" in out.stderr
