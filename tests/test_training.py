@@ -344,3 +344,35 @@ def test_ddp_two_cpu_processes(tiny_base, shards, tmp_path):
     ckpt = out / "checkpoint-3"
     states = [json.loads(torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["data"]) for r in (0, 1)]
     assert set(states[0]["streams"]) == {"0"} and set(states[1]["streams"]) == {"1"}
+
+
+def test_bf16_run_exports_full_precision_unet(tiny_base, shards, tmp_path):
+    """Frozen UNet parts are stored in bf16 while training; the exported UNet
+    is the base's exact encoder plus the trained fp32 decoder."""
+    from safetensors.torch import load_file
+
+    from training.train import train
+
+    out = tmp_path / "bf16"
+    train(_cfg(tiny_base, shards, out, max_train_steps=2, unlock_at=1, mixed_precision="bf16", validation_steps=0,
+               dataloader_num_workers=0, gradient_accumulation_steps=2, channels_last=True))
+    rows = _metrics(out)
+    assert [r["phase"] for r in rows] == ["locked", "unlocked"] and all(np.isfinite(r["loss"]) for r in rows)
+    before = load_file(os.path.join(tiny_base, "unet", "diffusion_pytorch_model.safetensors"))
+    after = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"up_blocks", "conv_norm_out", "conv_out"}
+
+
+def test_init_from_existing_controlnet(full_run, tiny_base):
+    from diffusers import ControlNetModel
+
+    from training.models import build_method, load_base
+
+    path = os.path.join(full_run["out"], "controlnet")
+    method = build_method("controlnet", load_base(tiny_base), controlnet_path=path)
+    ref = ControlNetModel.from_pretrained(path).state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in method.controlnet.state_dict().items())
+    with pytest.raises(UsageError, match="condition channels"):
+        build_method("controlnet", load_base(tiny_base), controlnet_path=path, conditioning_channels=6)

@@ -153,7 +153,7 @@ class ConditioningMethod(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         raise NotImplementedError
 
-    def export(self, out_dir: str) -> dict[str, str]:
+    def export(self, out_dir: str, unet_changed: bool = False, full_precision_unet=None) -> dict[str, str]:
         raise NotImplementedError
 
     def pipeline(self, base: Base):
@@ -170,10 +170,14 @@ def register_method(cls):
     return cls
 
 
+#: State-dict prefixes of the modules :func:`decoder_modules` returns.
+DECODER_PREFIXES = ("up_blocks.", "conv_norm_out.", "conv_out.")
+
+
 def decoder_modules(unet) -> list[nn.Module]:
     """The SD decoder half that ``sd_locked=False`` trains in the original
     ControlNet: the output blocks and the output layers."""
-    return [unet.up_blocks, unet.conv_norm_out, unet.conv_out]
+    return [getattr(unet, p.rstrip(".")) for p in DECODER_PREFIXES]
 
 
 @register_method
@@ -259,9 +263,10 @@ class ControlNetMethod(ConditioningMethod):
         self.unet.enable_gradient_checkpointing()
         self.controlnet.enable_gradient_checkpointing()
 
-    def export(self, out_dir: str, unet_changed: bool = False) -> dict[str, str]:
+    def export(self, out_dir: str, unet_changed: bool = False, full_precision_unet=None) -> dict[str, str]:
         """``controlnet/`` (diffusers), ``controlnet.safetensors`` (original
-        ControlNet / A1111 layout) and, if the decoder was trained, ``unet/``."""
+        ControlNet / A1111 layout) and, if the decoder was trained, ``unet/``
+        (into ``full_precision_unet``, the base UNet as loaded, when given)."""
         from training.export import save_a1111
 
         paths = {}
@@ -270,8 +275,15 @@ class ControlNetMethod(ConditioningMethod):
         paths["diffusers"] = cdir
         paths["a1111"] = save_a1111(self.controlnet, os.path.join(out_dir, "controlnet.safetensors"))
         if unet_changed:
+            unet = self.unet
+            if full_precision_unet is not None:
+                # Frozen parts were stored in reduced precision: write the
+                # trained decoder into a full-precision copy of the base UNet.
+                trained = {k: v for k, v in self.unet.state_dict().items() if k.startswith(DECODER_PREFIXES)}
+                full_precision_unet.load_state_dict(trained, strict=False)
+                unet = full_precision_unet
             udir = os.path.join(out_dir, "unet")
-            self.unet.save_pretrained(udir, safe_serialization=True)
+            unet.save_pretrained(udir, safe_serialization=True)
             paths["unet"] = udir
         return paths
 

@@ -153,7 +153,7 @@ def save_checkpoint(cfg, d: Dist, state: TrainState, method, optimizer, scaler, 
         save_file(weights, os.path.join(tmp, "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, os.path.join(tmp, "optimizer.pt"))
         if ema is not None:
-            save_file({str(i): s for i, s in enumerate(ema.shadow)}, os.path.join(tmp, "ema.safetensors"))
+            save_file({str(i): s.contiguous() for i, s in enumerate(ema.shadow)}, os.path.join(tmp, "ema.safetensors"))
     d.barrier()
     rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
     if torch.cuda.is_available():
@@ -453,7 +453,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.export and d.main:
         if ema is not None:
             ema.copy_to_params()  # export the averaged weights
-        summary["exports"] = method.export(cfg.output_dir, unet_changed=state.phase == "unlocked")
+        unlocked = state.phase == "unlocked"
+        full = None
+        if unlocked and dtype != torch.float32:
+            full = load_base(cfg.base, cfg.base_config, cfg.base_original_config).unet
+        summary["exports"] = method.export(cfg.output_dir, unet_changed=unlocked, full_precision_unet=full)
         log.info("exported %s", summary["exports"])
     if writer is not None:
         writer.close()
