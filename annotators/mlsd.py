@@ -59,8 +59,10 @@ def draw_segments(shape: tuple[int, int], lines: np.ndarray) -> np.ndarray:
     """HxW uint8 map with 1 px white segments; end points truncated toward
     zero like ``int()`` on the reference's floats."""
     canvas = np.zeros(shape, dtype=np.uint8)
-    for x1, y1, x2, y2 in np.trunc(lines).astype(np.int64).tolist():
-        cv2.line(canvas, (x1, y1), (x2, y2), 255, 1)
+    if len(lines):
+        # one call for all segments; the same pixels as cv2.line per segment
+        pts = np.trunc(lines).astype(np.int32).reshape(-1, 2, 2)
+        cv2.polylines(canvas, list(pts), False, 255, 1)
     return canvas
 
 

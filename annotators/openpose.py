@@ -255,9 +255,15 @@ def find_peaks(heat: Any, geo: BodyGeometry, chunk: int = 16) -> Any:
 # Host side: limb association and person assembly.
 
 
+def _sample(paf: np.ndarray, map_y: np.ndarray, map_x: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    """Values of a network-resolution map resampled to image pixels (sy, sx)."""
+    rows = map_y[sy.ravel()] @ paf  # (P, ow)
+    return np.einsum("pw,pw->p", rows, map_x[sx.ravel()]).reshape(sy.shape)
+
+
 def _limb_connections(
     cand_a: np.ndarray, cand_b: np.ndarray, paf_x: np.ndarray, paf_y: np.ndarray,
-    map_y: np.ndarray, height: int,
+    map_y: np.ndarray, map_x: np.ndarray, height: int,
 ) -> np.ndarray:
     """Greedy one-to-one connections (idA, idB, score, i, j) for one limb."""
     na, nb = len(cand_a), len(cand_b)
@@ -269,9 +275,10 @@ def _limb_connections(
     # the 10 sample points of every pair, rounded half-to-even like round()
     sx = np.rint(np.linspace(np.broadcast_to(ax, (na, nb)), np.broadcast_to(bx, (na, nb)), MID_SAMPLES, axis=-1)).astype(np.int64)
     sy = np.rint(np.linspace(np.broadcast_to(ay, (na, nb)), np.broadcast_to(by, (na, nb)), MID_SAMPLES, axis=-1)).astype(np.int64)
-    rows = map_y[sy]  # (na, nb, 10, oh)
-    fx = np.einsum("abkh,habk->abk", rows, paf_x[:, sx])
-    fy = np.einsum("abkh,habk->abk", rows, paf_y[:, sx])
+    # PAF value at image pixel (y, x) = map_y[y] . paf . map_x[x]: evaluated
+    # only at the sample points, never at full resolution
+    fx = _sample(paf_x, map_y, map_x, sy, sx)
+    fy = _sample(paf_y, map_y, map_x, sy, sx)
     mid = fx * ux[..., None] + fy * uy[..., None]
     prior = mid.sum(-1) / MID_SAMPLES + np.minimum(0.5 * height / norm - 1, 0)
     ok = ((mid > PAF_THRESHOLD).sum(-1) > 0.8 * MID_SAMPLES) & (prior > 0)
@@ -298,7 +305,7 @@ def associate(
     """People from one image's peaks and its network-resolution PAFs.
 
     ``peaks``: (P, 4) part, y, x, score in the reference's order; ``paf``:
-    (38, oh, ow). Returns the reference's ``candidate`` (P, 4: x, y, score, id)
+    (38, oh, ow) at network resolution. Returns the reference's ``candidate`` (P, 4: x, y, score, id)
     and ``subset`` (people, 20: candidate index per part or -1, total score,
     part count).
     """
@@ -309,14 +316,13 @@ def associate(
     candidate[:, 3] = np.arange(len(peaks))
     parts = peaks[:, 0].astype(np.int64)
     by_part = [candidate[parts == p] for p in range(18)]
-    # PAF rows at image resolution only along x; rows are mixed in per sample
-    paf_q = np.einsum("chw,xw->chx", paf.astype(np.float64), geo.map_x)  # (38, oh, W)
+    paf = paf.astype(np.float64)
     connections: list[np.ndarray | None] = []
     for (a, b), (cx, cy) in zip(LIMBS, PAF_CHANNELS):
         ca, cb = by_part[a - 1], by_part[b - 1]
         if len(ca) and len(cb):
             connections.append(
-                _limb_connections(ca, cb, paf_q[cx - 19], paf_q[cy - 19], geo.map_y, geo.height)
+                _limb_connections(ca, cb, paf[cx - 19], paf[cy - 19], geo.map_y, geo.map_x, geo.height)
             )
         else:
             connections.append(None)
