@@ -67,6 +67,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
     allow_tf32: bool = _f(True, "TF32 matmuls on Ampere+ GPUs")
     channels_last: bool = _f(False, "channels-last memory format for the UNet and ControlNet")
+    torch_compile: bool = _f(False, "torch.compile the model (recompiled when the decoder unlocks)")
     seed: int = _f(0, "seed of data order, augmentation, noise and timesteps")
     # run management
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimiser steps")

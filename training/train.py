@@ -329,11 +329,11 @@ def train(cfg: TrainConfig) -> dict:
                 torch.cuda.set_rng_state(resume_extra["rng"]["cuda"])
 
     def wrap(module):
-        if d.world_size == 1:
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        if d.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
 
-        return DDP(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
+            module = DDP(module, device_ids=[d.local_rank] if device.type == "cuda" else None)
+        return torch.compile(module) if cfg.torch_compile else module
 
     model = wrap(method)
 
