@@ -118,7 +118,20 @@ def _expand_url(given: str) -> list[str]:
     files = []
     for hit in hits:
         files += sorted(fs.find(hit)) if fs.isdir(hit) else [hit]
-    return [fs.unstrip_protocol(f) for f in files]
+    return [_as_given(given, fs, f) for f in files]
+
+
+def _as_given(given: str, fs, found: str) -> str:
+    """Spell a found path the way the user spelt its input URL (fsspec
+    normalises, e.g. ``memory://a`` to ``memory:///a``)."""
+    cut = min((given.index(c) for c in _GLOB_CHARS if c in given), default=len(given))
+    base = given[:cut]
+    if cut < len(given):
+        base = base[: base.rfind("/") + 1]
+    stripped = fs._strip_protocol(base).rstrip("/")
+    if base and found.startswith(stripped):
+        return base.rstrip("/") + found[len(stripped):]
+    return fs.unstrip_protocol(found)
 
 
 def discover(inputs: list[str]) -> list[InputRef]:
@@ -131,8 +144,29 @@ def discover(inputs: list[str]) -> list[InputRef]:
     """
     found: set[str] = set()
     for given in inputs:
-        found.update(_expand_url(given) if _is_url(given) else _expand_local(given))
+        files = _expand_url(given) if _is_url(given) else _expand_local(given)
+        found.update(files)
+        if any(c in given for c in _GLOB_CHARS):
+            # A pattern like '*.jpg' must not lose the '<stem>.txt' captions
+            # beside the images it matches.
+            found.update(_sibling_captions(given, files))
     return _classify(sorted(found))
+
+
+def _sibling_captions(given: str, files: list[str]) -> list[str]:
+    images = [f for f in files if _lower_ext(f) in IMAGE_EXTENSIONS]
+    wanted = {os.path.splitext(f)[0] + CAPTION_EXTENSION for f in images}
+    if not wanted:
+        return []
+    if _is_url(given):
+        fs, _ = url_to_fs(given)
+        parents = {posixpath.dirname(f) for f in images}
+        listed: set[str] = set()
+        for parent in parents:
+            for p in fs.ls(fs._strip_protocol(parent), detail=False):
+                listed.add(_as_given(given, fs, p))
+        return sorted(wanted & listed)
+    return sorted(w for w in wanted if os.path.isfile(w))
 
 
 def read_bytes(url: str, max_bytes: int | None = None) -> bytes:

@@ -254,7 +254,7 @@ def encode_sample(
     try:
         h, w = decoded.image.shape[:2]
         members: dict[str, bytes] = {"jpg": encode_jpeg(decoded.image, opts.jpeg_quality)}
-        caption = c.caption
+        caption, caption_source = c.caption, c.caption_source
         ann_meta: dict[str, dict] = {}
         conditions: list[str] = []
         for annotator in annotators:
@@ -264,7 +264,13 @@ def encode_sample(
             ann_meta[annotator.name] = desc
             for name, value in ann.members.items():
                 if name == "txt":
-                    caption = str(value)
+                    # A captioner decides with its own policy whether an
+                    # input caption is kept; both captions go into metadata.
+                    choose = getattr(annotator, "choose", None)
+                    caption, extra = choose(c.caption, str(value)) if choose else (str(value), {})
+                    desc.update(extra)
+                    if extra.get("caption_source", "generated") == "generated":
+                        caption_source = annotator.name
                     continue
                 if name.endswith(".png"):
                     arr = np.asarray(value)
@@ -280,7 +286,7 @@ def encode_sample(
             size=(w, h),
             resolution=opts.resolution,
             crop=opts.crop,
-            caption_source=c.caption_source,
+            caption_source=caption_source,
             annotators=ann_meta,
             extra={"frames": decoded.frames} if decoded.frames > 1 else None,
         )

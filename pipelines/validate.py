@@ -9,11 +9,11 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.dataset import iter_tar, list_shards, read_stats
 from pipelines.finalize import FAILURES_FILE, FILTERED_FILE
+from pipelines.writer import read_table
 from schemas import REQUIRED_META_KEYS, is_valid_key
 
 
@@ -85,8 +85,7 @@ def validate_dataset(dataset: str) -> ValidationReport:
         manifest_path = posixpath.join(root, f"{name}.parquet")
         rows: dict[str, dict] = {}
         if fs.exists(manifest_path):
-            with fs.open(manifest_path, "rb") as f:
-                rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
+            rows = {r["key"]: r for r in read_table(fs, manifest_path).to_pylist()}
         else:
             report.problems.append(f"{name}: manifest {name}.parquet missing")
         keys = []
@@ -102,8 +101,7 @@ def validate_dataset(dataset: str) -> ValidationReport:
         report.samples += len(keys)
         fpath = posixpath.join(root, f"{name}.failures.parquet")
         if fs.exists(fpath):
-            with fs.open(fpath, "rb") as f:
-                shard_failures += pq.read_metadata(f).num_rows
+            shard_failures += read_table(fs, fpath).num_rows
     dups = [k for k, n in seen_keys.items() if n > 1]
     if dups:
         report.problems.append(f"{len(dups)} key(s) appear in more than one sample, e.g. {dups[0]}")
@@ -116,8 +114,7 @@ def validate_dataset(dataset: str) -> ValidationReport:
     for label, fname in (("failed", FAILURES_FILE), ("filtered", FILTERED_FILE)):
         path = posixpath.join(root, fname)
         if fs.exists(path):
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f)
+            table = read_table(fs, path)
             counts[label] = table.num_rows
             by_reason = dict(Counter(table.column("reason").to_pylist()))
             if by_reason != stats.get(f"{label}_by_reason"):

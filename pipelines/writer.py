@@ -10,7 +10,6 @@ the next run redoes, never a partial ``.tar`` under its final name.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -60,9 +59,28 @@ def atomic_write_bytes(fs, path: str, data: bytes) -> None:
 
 
 def atomic_write_table(fs, path: str, table: pa.Table) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    atomic_write_bytes(fs, path, buf.getvalue())
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(fs, path, sink.getvalue().to_pybytes())
+
+
+def read_parquet_file(fs, path: str) -> pq.ParquetFile:
+    """Open a parquet file from any fsspec filesystem.
+
+    The bytes are read here and decoded on the calling thread: when Arrow's
+    thread pool holds the last reference to a Python-owned buffer it must take
+    the GIL to free it, and if that happens while the interpreter exits the
+    process aborts ("terminate called without an active exception").
+    Manifests and record files are small, so threads buy nothing here.
+    """
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    return pq.ParquetFile(pa.BufferReader(data), pre_buffer=False)
+
+
+def read_table(fs, path: str) -> pa.Table:
+    """A whole parquet file as a table (see :func:`read_parquet_file`)."""
+    return read_parquet_file(fs, path).read(use_threads=False)
 
 
 def _remove_quietly(fs, path: str) -> None:
@@ -129,8 +147,7 @@ def shard_is_complete(fs, root: str, name: str, digest: str) -> bool:
     try:
         if not fs.exists(manifest) or not fs.exists(posixpath.join(root, f"{name}.tar")):
             return False
-        with fs.open(manifest, "rb") as f:
-            meta = pq.read_schema(f).metadata or {}
+        meta = read_parquet_file(fs, manifest).schema_arrow.metadata or {}
         if meta.get(DIGEST_META, b"").decode() != digest:
             return False
         if int(meta.get(FAILED_META, b"0")) > 0:
@@ -142,14 +159,12 @@ def shard_is_complete(fs, root: str, name: str, digest: str) -> bool:
 
 def read_shard_summary(fs, root: str, name: str) -> ShardSummary:
     """Summary of a finished shard, read back from its manifest and failures."""
-    with fs.open(posixpath.join(root, f"{name}.parquet"), "rb") as f:
-        written = pq.read_metadata(f).num_rows
+    written = read_parquet_file(fs, posixpath.join(root, f"{name}.parquet")).metadata.num_rows
     failures: list[FailureRecord] = []
     fpath = posixpath.join(root, f"{name}.failures.parquet")
     if fs.exists(fpath):
-        with fs.open(fpath, "rb") as f:
-            for row in pq.read_table(f).to_pylist():
-                failures.append(FailureRecord(**row))
+        for row in read_table(fs, fpath).to_pylist():
+            failures.append(FailureRecord(**row))
     return ShardSummary(name, written, failures, skipped=True)
 
 
@@ -157,9 +172,7 @@ def write_json(fs, path: str, obj) -> None:
     atomic_write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_table(fs, path: str) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f)
+
 
 
 __all__ = [

@@ -1,0 +1,320 @@
+"""End-to-end runs of the annotate pipeline on real and hostile files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from _images import jpeg_bytes, photo, tree_bytes, write_photos, write_tar
+from pipelines.options import AnnotateOptions
+from pipelines.run import run_annotate
+from pipelines.validate import validate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def annotate(inputs, out, beam_args=(), **kw) -> dict:
+    kw.setdefault("annotators", (("canny", {}), ("hough", {})))
+    opts = AnnotateOptions(inputs=tuple(str(i) for i in inputs), output=str(out), **kw)
+    return run_annotate(opts, list(beam_args))
+
+
+def outcome_by_source(out: Path) -> dict[str, str]:
+    """source -> 'written' or its failure/filter reason, checking no source
+    appears twice."""
+    outcomes: dict[str, str] = {}
+    rows = []
+    for manifest in sorted(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].parquet")):
+        rows += [(r["source"], "written") for r in pq.read_table(manifest).to_pylist()]
+    for name in ("failures.parquet", "filtered.parquet"):
+        rows += [(r["source"], r["reason"]) for r in pq.read_table(out / name).to_pylist()]
+    for source, outcome in rows:
+        assert source not in outcomes, f"{source} recorded twice"
+        outcomes[source] = outcome
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def hostile_run(hostile_dir, tmp_path_factory):
+    folder, expected = hostile_dir
+    out = tmp_path_factory.mktemp("hostile-out")
+    stats = annotate([folder], out, shard_size=4)
+    return folder, expected, out, stats
+
+
+def test_every_input_is_accounted_for(hostile_run):
+    folder, expected, out, stats = hostile_run
+    outcomes = outcome_by_source(out)
+    assert {Path(s).name: o for s, o in outcomes.items()} == expected
+    assert stats["inputs"] == len(expected)
+    assert stats["inputs"] == stats["written"] + stats["filtered"] + stats["failed"]
+    on_disk = json.loads((out / "stats.json").read_text())
+    for field in ("inputs", "written", "filtered", "failed"):
+        assert isinstance(on_disk[field], int) and on_disk[field] == stats[field]
+    assert on_disk["filtered_by_reason"] == {"aspect_ratio": 1, "duplicate": 1, "too_small": 1}
+    assert on_disk["failed_by_reason"] == {
+        "decode_error": 2, "decompression_bomb": 1, "empty_file": 1, "not_an_image": 1,
+    }
+
+
+def test_shards_read_back_with_webdataset(hostile_run):
+    folder, expected, out, stats = hostile_run
+    tars = sorted(str(p) for p in out.glob("*.tar"))
+    assert [Path(t).name for t in tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("rgb8"))
+    assert len(samples) == stats["written"] == sum(1 for o in expected.values() if o == "written")
+    # Shards are planned at a fixed size (the remainder last); a sample that
+    # fails to decode after planning is recorded in its shard's failures file.
+    planned = []
+    for t in tars:
+        n = len(list(wds.WebDataset([t], shardshuffle=False)))
+        failures = Path(t).with_suffix(".failures.parquet")
+        planned.append(n + (pq.read_metadata(failures).num_rows if failures.exists() else 0))
+    assert planned == [4, 4, 2]
+    by_source = {}
+    for s in samples:
+        meta = s["json"]
+        assert "." not in s["__key__"] and meta["key"] == s["__key__"]
+        assert s["jpg"].shape == (512, 512, 3)
+        for cond in ("canny.png", "hough.png"):
+            assert s[cond].shape[:2] == (512, 512)
+        assert meta["annotators"]["canny"]["low_threshold"] == 100
+        assert meta["annotators"]["canny"]["version"] == "1"
+        assert isinstance(meta["annotators"]["hough"]["lines"], int)
+        assert meta["schema_version"] == 1 and meta["resolution"] == 512
+        by_source[Path(meta["source"]).name] = (s, meta)
+    astro, meta = by_source["astronaut.jpg"]
+    assert astro["txt"] == "an astronaut in an orange suit"
+    assert meta["caption_source"] == "sidecar"
+    rotated = by_source["rotated.jpg"][1]
+    assert (rotated["original_width"], rotated["original_height"]) == (400, 600)
+    assert rotated["crop_box"] == [0, 100, 400, 500]
+    rgba = by_source["rgba.png"][0]["jpg"]
+    assert rgba[:, :200].min() > 240  # transparent half composited on white
+    gray16 = by_source["gray16.png"][0]["jpg"]
+    assert 100 < gray16.mean() < 160  # scaled, not clipped to white
+    assert "фото кошки 猫.png" in by_source and "my.holiday.photo.v2.jpg" in by_source
+    assert by_source["animated.gif"][1]["frames"] == 2
+
+
+def test_validate_accepts_and_catches_damage(hostile_run, tmp_path):
+    folder, expected, out, stats = hostile_run
+    assert validate_dataset(str(out)).ok
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    data = (damaged / "shard-000001.tar").read_bytes()
+    (damaged / "shard-000001.tar").write_bytes(data[: len(data) // 2])
+    report = validate_dataset(str(damaged))
+    assert not report.ok
+    assert any("shard-000001" in p for p in report.problems)
+
+
+def test_rerun_is_byte_identical_and_skips_finished_shards(hostile_run, tmp_path):
+    folder, expected, out, stats = hostile_run
+    before = tree_bytes(out, "*")
+    again = annotate([folder], out, shard_size=4)
+    assert again["counters"]["shards_skipped"] == 3
+    assert again["counters"].get("shards_written", 0) == 0
+    assert tree_bytes(out, "*") == before
+    fresh = tmp_path / "fresh"
+    annotate([folder], fresh, shard_size=4)
+    assert tree_bytes(fresh) == tree_bytes(out)  # same inputs -> same shard bytes
+    for name in ("failures.parquet", "filtered.parquet"):
+        assert pq.read_table(fresh / name).equals(pq.read_table(out / name))
+
+
+def test_changed_options_rewrite_shards_and_drop_stale_ones(photos_dir, tmp_path):
+    out = tmp_path / "out"
+    annotate([photos_dir], out, shard_size=2)
+    assert len(list(out.glob("*.tar"))) == 3
+    stats = annotate([photos_dir], out, shard_size=2, annotators=(("canny", {"low_threshold": 50}),))
+    assert stats["counters"]["shards_written"] == 3
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")), shardshuffle=False).decode())
+    assert all("hough.png" not in s and s["json"]["annotators"]["canny"]["low_threshold"] == 50 for s in samples)
+    stats = annotate([photos_dir], out, shard_size=5)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert validate_dataset(str(out)).ok
+
+
+def test_random_canny_thresholds_are_seeded_by_key(photos_dir, tmp_path):
+    opts = (("canny", {"random_thresholds": True, "seed": 7}),)
+    a = annotate([photos_dir], tmp_path / "a", annotators=opts)
+    b = annotate([photos_dir], tmp_path / "b", annotators=opts)
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    metas = [s["json"] for s in wds.WebDataset(str(tmp_path / "a" / "shard-000000.tar"), shardshuffle=False).decode()]
+    used = {(m["annotators"]["canny"]["low_threshold"], m["annotators"]["canny"]["high_threshold"]) for m in metas}
+    assert len(used) > 1  # thresholds vary across samples
+    assert all(50 <= lo <= 150 and lo <= hi <= 250 for lo, hi in used)
+
+
+def test_no_crop_keeps_aspect(photos_dir, tmp_path):
+    annotate([photos_dir / "coffee.jpg"], tmp_path / "o", crop="none", resolution=256)
+    (s,) = list(wds.WebDataset(str(tmp_path / "o" / "shard-000000.tar"), shardshuffle=False).decode("rgb8"))
+    assert s["jpg"].shape == (256, 384, 3) and s["canny.png"].shape[:2] == (256, 384)
+    assert s["json"]["crop_box"] == [0, 0, 600, 400]
+
+
+def test_tar_input_with_captions_and_unsafe_members(tmp_path):
+    src = tmp_path / "in.tar"
+    write_tar(
+        src,
+        [
+            ("a/sample1", {"jpg": jpeg_bytes(photo("chelsea")), "txt": b"a cat"}),
+            ("a/sample2", {"png": _png(photo("coffee"))}),
+            ("b/nopic", {"txt": b"caption without an image", "cls": b"3"}),
+        ],
+        unsafe=["../escape.jpg", "/abs/path.jpg"],
+    )
+    out = tmp_path / "out"
+    stats = annotate([src], out)
+    outcomes = outcome_by_source(out)
+    assert outcomes == {
+        f"{src}#a/sample1": "written",
+        f"{src}#a/sample2": "written",
+        f"{src}#b/nopic": "no_image_member",
+        f"{src}#../escape.jpg": "unsafe_tar_member",
+        f"{src}#/abs/path.jpg": "unsafe_tar_member",
+    }
+    assert stats["inputs"] == 5
+    captions = {s["json"]["source"]: s["txt"] for s in wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode()}
+    assert captions == {f"{src}#a/sample1": "a cat", f"{src}#a/sample2": ""}
+    assert not (tmp_path / "escape.jpg").exists()
+
+
+def test_controlset_shards_are_valid_input(hostile_run, tmp_path):
+    folder, expected, out, stats = hostile_run
+    again = annotate([out / "shard-000000.tar"], tmp_path / "re", annotators=(("canny", {}),))
+    assert again["written"] == 4 and again["failed"] == 0
+
+
+def test_broken_tar_is_one_failure(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.tar").write_bytes(b"\0" * 100 + b"not a tar at all" * 50)
+    (tmp_path / "in" / "ok.jpg").write_bytes(jpeg_bytes(photo("astronaut")))
+    stats = annotate([tmp_path / "in"], tmp_path / "out")
+    assert stats["written"] == 1 and stats["failed"] == 1
+    assert stats["failed_by_reason"] == {"bad_tar": 1}
+
+
+def test_fsspec_urls_in_and_out(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/imgs/x/astronaut.jpg", jpeg_bytes(photo("astronaut")))
+    fs.pipe("/imgs/x/astronaut.txt", b"memory caption")
+    fs.pipe("/imgs/y/coffee.jpg", jpeg_bytes(photo("coffee")))
+    stats = annotate(["memory://imgs"], "memory://out", annotators=(("canny", {}),))
+    assert stats["written"] == 2
+    data = fs.cat("/out/shard-000000.tar")
+    (tmp_path / "copy.tar").write_bytes(data)
+    samples = list(wds.WebDataset(str(tmp_path / "copy.tar"), shardshuffle=False).decode())
+    sources = sorted(s["json"]["source"] for s in samples)
+    assert sources == ["memory://imgs/x/astronaut.jpg", "memory://imgs/y/coffee.jpg"]
+    glob_stats = annotate(["memory://imgs/*/*.jpg"], "memory://out2", annotators=(("canny", {}),))
+    assert glob_stats["written"] == 2
+    assert fs.cat("/out2/shard-000000.tar") == data  # same content, same bytes
+
+
+def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path):
+    annotate([photos_dir], tmp_path / "single", shard_size=2)
+    stats = annotate(
+        [photos_dir], tmp_path / "multi", shard_size=2,
+        beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    )
+    assert stats["written"] == 6
+    assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "single")
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controlset", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, **kw)
+
+
+def test_sigkill_midway_leaves_no_partial_tar_and_rerun_completes(tmp_path):
+    src = tmp_path / "in"
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):  # distinct images so nothing is deduplicated
+        arr = photo(names[i % len(names)]).copy()
+        arr[:8, :8] = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        (src / f"img{i:03d}.jpg").write_bytes(jpeg_bytes(arr))
+    out = tmp_path / "out"
+    args = ["annotate", str(src), "-o", str(out), "--annotators", "canny,hough", "--shard-size", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "controlset", *args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and any(p.suffix == ".tar" for p in out.iterdir()):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    finished = sorted(out.glob("*.tar"))
+    assert len(finished) < 12
+    for tar in finished:  # every visible tar is complete
+        assert len(list(wds.WebDataset(str(tar), shardshuffle=False))) == 4
+    result = _cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    reference = tmp_path / "reference"
+    assert _cli("annotate", str(src), "-o", str(reference), "--annotators", "canny,hough",
+                "--shard-size", "4").returncode == 0
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert validate_dataset(str(out)).ok
+
+
+def test_cli_usage_errors_are_one_clear_line(tmp_path, photos_dir):
+    r = _cli("annotate", str(tmp_path / "missing"), "-o", str(tmp_path / "o"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+    r = _cli("annotate", str(photos_dir), "-o", str(tmp_path / "o"), "--annotators", "canny,houg")
+    assert r.returncode == 2 and "Did you mean 'hough'" in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("annotate", str(photos_dir), "-o", str(blocker / "sub"))
+    assert r.returncode == 2 and "output" in r.stderr
+    r = _cli("annotate", str(photos_dir), "-o", str(tmp_path / "o"), "--resolutin", "5")
+    assert r.returncode == 2 and "--resolutin" in r.stderr
+    r = _cli("annotate", str(photos_dir), "-o", str(tmp_path / "o"), "--set", "canny.lo=3")
+    assert r.returncode == 2 and "valid options" in r.stderr
+
+
+def test_cli_annotate_preview_validate(tmp_path, photos_dir):
+    out = tmp_path / "o"
+    r = _cli("annotate", str(photos_dir), "-o", str(out), "--annotators", "canny,hough", "--shard-size", "4",
+             "--resolution", "256", "--set", "canny.random_thresholds=true")
+    assert r.returncode == 0, r.stderr
+    assert "6 inputs -> 6 written, 0 filtered, 0 failed" in r.stdout
+    r = _cli("validate", str(out))
+    assert r.returncode == 0 and "2 shard(s), 6 sample(s): OK" in r.stdout
+    sheet = tmp_path / "sheet.png"
+    r = _cli("preview", str(out), "-o", str(sheet), "-n", "3", "--cell", "100")
+    assert r.returncode == 0, r.stderr
+    with Image.open(sheet) as im:
+        assert im.size == (100 * 3 + 200, 24 + 100 * 3)  # image + 2 conditions + caption
+        arr = np.asarray(im.convert("L"))
+    assert arr[24:124, 0:100].std() > 20  # a real photo in the first cell
+    (out / "shard-000001.parquet").unlink()
+    r = _cli("validate", str(out))
+    assert r.returncode == 1 and "manifest" in r.stdout
