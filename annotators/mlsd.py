@@ -77,7 +77,8 @@ class MLSD(Annotator):
         thr_v: minimum centre score (ControlNet: 0.1).
         thr_d: minimum segment length in half-resolution pixels (ControlNet: 0.1).
         detect_resolution: shorter side the network sees (rounded to multiples
-            of 64 like controlnet-aux); None = the sample's own size.
+            of 64 like controlnet-aux); None = the sample's own size (rounded to
+            multiples of 64 when it is not one already).
     """
 
     name = "mlsd"
@@ -127,7 +128,11 @@ class MLSD(Annotator):
     def detect_size(self, height: int, width: int) -> tuple[int, int]:
         res = self._options["detect_resolution"]
         if res is None:
-            return height, width
+            if height % 64 == 0 and width % 64 == 0:
+                return height, width
+            # The network's skip connections need sides in multiples of its
+            # stride; like controlnet-aux, round to multiples of 64.
+            res = min(height, width)
         return W.reference_size(height, width, res)
 
     def forward(self, batch: Any) -> Any:

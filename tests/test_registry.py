@@ -1,0 +1,80 @@
+"""Every registered annotator, tested through the registry's front door.
+
+Parametrised over ``list_annotators()``: an annotator added to the registry is
+tested here automatically (and fails until it has a test factory)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import annotators
+from _images import photo
+from _registry_factories import options_for
+from annotators import Annotation, UnknownAnnotatorError, create_annotator, list_annotators
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("registry-weights")
+
+
+@pytest.fixture(scope="module")
+def images():
+    # Two real photos of different content (and one non-square) at small sizes.
+    return [np.ascontiguousarray(photo("astronaut")[::4, ::4]), np.ascontiguousarray(photo("coffee")[::4, ::4])]
+
+
+def test_builtin_set_is_complete():
+    assert set(list_annotators()) >= {
+        "canny", "hough", "hed", "mlsd", "openpose", "depth", "normal", "seg", "caption",
+    }
+
+
+@pytest.mark.parametrize("name", list_annotators())
+def test_annotator_contract(name, weights_dir, images):
+    cls = annotators.get_annotator_class(name)
+    assert cls.name == name and cls.members and cls.version
+    annotator = create_annotator(name, **options_for(name, weights_dir))
+    json.dumps(annotator.describe())  # recorded in every sample's metadata
+    annotator.setup()
+    annotator.setup()  # idempotent
+    keys = ["k0", "k1"]
+    out = annotator.annotate_batch(images, keys)
+    assert len(out) == len(images)
+    for image, ann in zip(images, out):
+        assert isinstance(ann, Annotation)
+        assert set(ann.members) == set(annotator.describe()["members"])
+        json.dumps(ann.meta)
+        for member, value in ann.members.items():
+            if member.endswith(".png"):
+                assert value.shape[:2] == image.shape[:2], member
+                assert value.dtype in (np.uint8, np.uint16)
+                assert value.ndim == 2 or value.shape[2] == 3
+            elif member.endswith(".json"):
+                json.dumps(value)
+            elif member == "txt":
+                assert isinstance(value, str)
+    # One image at a time gives the same result as the batch.
+    single = annotator.annotate_batch(images[1:], keys[1:])[0]
+    for member, value in out[1].members.items():
+        if member.endswith(".png"):
+            np.testing.assert_array_equal(single.members[member], value)
+        else:
+            assert single.members[member] == value
+
+
+@pytest.mark.parametrize("name", list_annotators())
+def test_unknown_options_are_rejected_with_the_valid_ones(name):
+    with pytest.raises(TypeError) as err:
+        create_annotator(name, definitely_not_an_option=1)
+    assert "valid options" in str(err.value)
+
+
+def test_typo_lists_valid_names():
+    with pytest.raises(UnknownAnnotatorError) as err:
+        create_annotator("hde")
+    message = str(err.value)
+    assert "hed" in message and all(n in message for n in list_annotators())
