@@ -1,4 +1,4 @@
-"""Subcommands ``train``, ``generate`` and ``base`` of the controlset command line."""
+"""Subcommands ``train``, ``generate``, ``base`` and ``compare`` of the controlset command line."""
 
 from __future__ import annotations
 
@@ -46,7 +46,20 @@ def register(subparsers) -> None:
     )
     t.add_argument("dir", help="output folder (diffusers format)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--preset", choices=("tiny", "small"), default="tiny",
+                   help="tiny: CPU tests; small: a few million parameters for short GPU experiments")
     t.set_defaults(func=_base_tiny)
+
+    c = subparsers.add_parser(
+        "compare",
+        help="compare ControlNet with its alternatives on a small task (fidelity curves, report)",
+        description="Pre-train a small base on a conditioned task, train each listed conditioning method from it "
+        "with the same seed and data, measure condition fidelity every K steps, and write report.md, "
+        "results.json, convergence.png and sample grids. See docs/comparison.md.",
+    )
+    c.add_argument("--config", required=True, help="compare YAML file (e.g. bench/compare_gpu.yaml)")
+    c.add_argument("--output-dir", help="overrides the file's output_dir")
+    c.set_defaults(func=_compare)
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -76,7 +89,20 @@ def _generate(args: argparse.Namespace, extra: list[str]) -> int:
 def _base_tiny(args: argparse.Namespace, extra: list[str]) -> int:
     from training.tiny import TINY_NOTE, write_tiny_base
 
-    write_tiny_base(args.dir, seed=args.seed)
+    write_tiny_base(args.dir, seed=args.seed, preset=args.preset)
     print(f"{args.dir}: {TINY_NOTE}", file=sys.stderr)
     print(args.dir)
+    return 0
+
+
+def _compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from training.compare import load_config, run_compare
+
+    cfg = load_config(args.config)
+    command = f"controlset compare --config {args.config}" + (f" --output-dir {args.output_dir}" if args.output_dir else "")
+    summary = run_compare(cfg, output_dir=args.output_dir, command=command)
+    out = args.output_dir or cfg.get("output_dir") or "compare-out"
+    table = {r["label"]: {"final_fidelity": r["final_fidelity"], "steps_to_threshold": r["steps_to_threshold"]}
+             for r in summary["methods"]}
+    print(json.dumps({"report": f"{out}/report.md", "results": f"{out}/results.json", "methods": table}))
     return 0

@@ -31,7 +31,10 @@ class TrainConfig:
     base_config: str | None = _f(None, "for a single-file --base: local diffusers folder with the matching configs")
     base_original_config: str | None = _f(None, "for a single-file --base: the original LDM inference yaml")
     controlnet: str | None = _f(None, "start from this diffusers ControlNet folder instead of copying the UNet encoder")
-    method: str = _f("controlnet", "how control is added to the base (conditioning method)")
+    method: str = _f("controlnet", "how control is added to the base: controlnet, controlnet_gaussian, concat, "
+                     "controlnet_lite, xattn_adapter, or unet (text-to-image fine-tuning, condition unused)")
+    connection_init_std: float = _f(0.0, "controlnet_gaussian: std of the connections' initial weights (0 = 1/sqrt(fan_in))")
+    lite_channels: int = _f(64, "controlnet_lite / xattn_adapter: width of the small control encoder")
     conditioning_embedding_channels: list[int] = _f([16, 32, 96, 256], "channels of the condition encoder's blocks")
     # data
     shards: list[str] = _f([], "training shards: paths, globs, {000..099} patterns or fsspec URLs")

@@ -9,10 +9,11 @@ whatever it adds for control. The trainer only talks to this interface:
   for the ``locked`` / ``unlocked`` phase,
 * ``export(out_dir)`` and ``pipeline(base)`` for the results.
 
-Only ``controlnet`` is implemented; other ways of adding control (Gaussian-
-initialised connections, extra input channels, a lighter control encoder)
-become new subclasses registered in :data:`METHODS`, selected with
-``--method``.
+``controlnet`` is defined here; the alternatives (Gaussian-initialised
+connections, extra input channels, a lighter control encoder, a
+cross-attention adapter, plain UNet fine-tuning) are in
+:mod:`training.methods`. All are registered in :data:`METHODS` and selected
+with ``--method``.
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ class ConditioningMethod(nn.Module):
     """Interface of a way to add spatial control to the base UNet."""
 
     name: str = ""
+    #: Whether an ``unlocked`` phase exists (``--unlock-at``).
+    can_unlock: bool = True
 
     def forward(self, noisy_latents, timesteps, text_embeddings, conditioning):  # pragma: no cover - interface
         raise NotImplementedError
@@ -197,7 +200,10 @@ class ControlNetMethod(ConditioningMethod):
         only_mid_control: bool = False,
         controlnet_path: str | None = None,
         conditioning_embedding_channels: tuple[int, ...] = (16, 32, 96, 256),
+        **_ignored,
     ) -> None:
+        # Options of other methods (``_ignored``) are accepted so that the
+        # trainer can pass one set of options to whichever method it builds.
         from diffusers import ControlNetModel
 
         super().__init__()
@@ -304,9 +310,14 @@ class ControlNetMethod(ConditioningMethod):
 
 
 def build_method(name: str, base: Base, **options) -> ConditioningMethod:
-    """Construct the conditioning method ``name`` (see :data:`METHODS`)."""
+    """Construct the conditioning method ``name`` (see :data:`METHODS`);
+    options a method does not use are ignored."""
     try:
         cls = METHODS[name]
     except KeyError:
         raise UsageError(f"unknown --method {name!r}; available: {', '.join(sorted(METHODS))}") from None
     return cls(base, **options)
+
+
+# The alternatives register themselves in METHODS on import.
+from training import methods as _methods  # noqa: E402,F401

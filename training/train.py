@@ -264,8 +264,14 @@ def make_writer(cfg: TrainConfig):
 # the run
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (final step, exports, paths)."""
+def train(cfg: TrainConfig, callback=None) -> dict:
+    """Train as configured; returns a summary (final step, exports, paths).
+
+    ``callback(step, method, base, device, dtype) -> dict | None``, when
+    given, runs on rank 0 before the first step (step 0, fresh runs only) and
+    after every optimiser step; what it returns is added to that step's
+    ``metrics.jsonl`` line (evaluations such as condition fidelity). Its time
+    is excluded from ``images_per_s``."""
     cfg.validate()
     d = setup_distributed()
     device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -282,7 +288,12 @@ def train(cfg: TrainConfig) -> dict:
         cfg.method, base, conditioning_channels=3 * len(cfg.condition), learning_rate=cfg.learning_rate,
         unlock_learning_rate=cfg.unlock_learning_rate, only_mid_control=cfg.only_mid_control,
         controlnet_path=cfg.controlnet, conditioning_embedding_channels=tuple(cfg.conditioning_embedding_channels),
+        connection_init_std=cfg.connection_init_std, lite_channels=cfg.lite_channels,
     )
+    if cfg.controlnet and cfg.method not in ("controlnet", "controlnet_gaussian"):
+        raise UsageError(f"--controlnet initialises a ControlNet; --method {cfg.method} has none")
+    if cfg.unlock_at is not None and not method.can_unlock:
+        raise UsageError(f"--method {cfg.method} trains the whole UNet already: --unlock-at does not apply")
     base.vae.requires_grad_(False).to(device, dtype=dtype).eval()
     base.text_encoder.requires_grad_(False).to(device, dtype=dtype).eval()
     method.cast_frozen(dtype, will_unlock=cfg.unlock_at is not None)
@@ -360,6 +371,13 @@ def train(cfg: TrainConfig) -> dict:
     global_batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * d.world_size
     log.info("training %s from step %d to %d, global batch %d, %s", cfg.method, state.step, cfg.max_train_steps, global_batch, dtype)
 
+    if callback is not None and d.main and state.step == 0:
+        extra = callback(0, method, base, device, dtype)
+        if extra:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, **extra}) + "\n")
+        method.train()
+
     last = time.perf_counter()
     while state.step < cfg.max_train_steps:
         event = None
@@ -432,6 +450,9 @@ def train(cfg: TrainConfig) -> dict:
         if event:
             record["event"] = event
         last = now
+        if callback is not None and d.main:
+            record.update(callback(state.step, method, base, device, dtype) or {})
+            method.train()
         if d.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
