@@ -104,5 +104,7 @@ def _compare(args: argparse.Namespace, extra: list[str]) -> int:
     out = args.output_dir or cfg.get("output_dir") or "compare-out"
     table = {r["label"]: {"final_fidelity": r["final_fidelity"], "steps_to_threshold": r["steps_to_threshold"]}
              for r in summary["methods"]}
-    print(json.dumps({"report": f"{out}/report.md", "results": f"{out}/results.json", "methods": table}))
+    print(json.dumps({"device": summary["device"], "date": summary["date"], "command": command,
+                      "report": f"{out}/report.md", "results": f"{out}/results.json",
+                      "references": summary["references"], "methods": table}))
     return 0
