@@ -212,7 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     comps = tiny_components() if args.smoke else sd15_components()
 
-    results = [run_config(k, s, comps, args, device, dtype) for k in args.kinds for s in STYLES]
+    results = []
+    for k in args.kinds:
+        for s in STYLES:
+            results.append(run_config(k, s, comps, args, device, dtype))
+            print(json.dumps(results[-1]), flush=True)  # partial results survive a time limit
     by = {(r["kind"], r["style"]): r for r in results}
     speedups = {}
     for k in args.kinds:
