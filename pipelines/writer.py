@@ -19,7 +19,6 @@ from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 from fsspec.implementations.local import LocalFileSystem
 
 from schemas import FAILURE_SCHEMA, MANIFEST_SCHEMA, FailureRecord, manifest_table, records_table
@@ -114,6 +113,8 @@ def write_shard(
     Samples are written in key order and failures sorted, so the bytes depend
     only on the shard's content, not on worker or bundle order.
     """
+    import webdataset as wds  # imports torch: only the writing worker pays for it
+
     samples = sorted(samples, key=lambda s: s.key)
     failures = sorted(failures, key=lambda r: (r.source, r.stage, r.reason))
     tar_path = posixpath.join(root, f"{name}.tar")
