@@ -146,6 +146,14 @@ def cmd_validate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_sample_photos(args: argparse.Namespace, extra: list[str]) -> int:
+    from pipelines.samples import write_sample_photos
+
+    paths = write_sample_photos(args.folder)
+    print(f"{len(paths)} sample photos (with captions) written to {args.folder}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "annotate",
@@ -184,6 +192,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--samples", type=int, default=6, help="number of samples (default 6)")
     p.add_argument("--cell", type=int, default=192, help="cell size in pixels (default 192)")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("sample-photos", help="write scikit-image's sample photos to a folder, to try things")
+    p.add_argument("folder", metavar="DIR")
+    p.set_defaults(func=cmd_sample_photos)
 
     p = sub.add_parser("validate", help="check shards, manifests and stats of a dataset")
     p.add_argument("dataset", metavar="OUT", help="folder written by 'controlset annotate'")
