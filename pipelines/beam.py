@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from fsspec.core import url_to_fs
 
-from annotators import create_annotator
+from annotators import create_annotator, get_annotator_class
 from pipelines.finalize import finalize
 from pipelines.options import AnnotateOptions
 from pipelines.sources import InputRef
@@ -34,6 +34,7 @@ from pipelines.stages import (
     choose_duplicate,
     decode_candidate,
     encode_sample,
+    gate_sample,
     plan_digest,
     probe_input,
     shard_boundaries,
@@ -119,30 +120,143 @@ class DecodeFn(beam.DoFn):
 
 class AnnotateFn(beam.DoFn):
     """Runs every selected annotator on a batch; models load once per worker
-    (in ``setup``), not once per bundle or element."""
+    (in ``setup``), not once per bundle or element. CPU annotators run on a
+    thread pool beside the GPU ones; yield gates filter after annotation."""
 
-    def __init__(self, opts: AnnotateOptions) -> None:
+    def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
+        from apache_beam.utils.shared import Shared
+
         self.opts = opts
+        self.total = total
+        self._shared = Shared()
+        self._tag = json.dumps(opts.annotators, sort_keys=True, default=str)
         self.annotated = _counter("annotated")
         self.failed = _counter("annotate_failed")
+        self.gated = _counter("gated")
 
     def setup(self) -> None:
-        self.annotators = [create_annotator(name, **o) for name, o in self.opts.annotators]
-        for a in self.annotators:
-            a.setup()
+        from pipelines.options import parse_gate
+
+        # One set of models per worker process, shared by its threads
+        # (Beam's Shared handle); GPU work is serialised by the holder's lock
+        # while other threads decode and encode.
+        self.models = self._shared.acquire(lambda: LoadedAnnotators(self.opts), tag=self._tag)
+        self.annotators = self.models.annotators
+        self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
+        self.gates = [parse_gate(g) for g in self.opts.gates]
+        self.progress = Progress(self.total)
 
     def process(self, batch: list[tuple[int, str, Decoded]]) -> Iterable:
-        results = annotate_decoded([d for _, _, d in batch], self.annotators)
+        timings: dict[str, float] = {}
+        with self.models.lock:
+            results = annotate_decoded([d for _, _, d in batch], self.annotators, self.batch_sizes,
+                                       timings, self.models.pool)
+        for name, seconds in timings.items():
+            Metrics.counter(NS, f"ms_{name}").inc(int(seconds * 1000))
         for (index, digest, _), result in zip(batch, results):
             if not isinstance(result, FailureRecord):
                 decoded, annotations = result
-                result = encode_sample(decoded, annotations, self.annotators, self.opts,
-                                       shard_name(self.opts.prefix, index))
+                result = gate_sample(decoded, annotations, self.gates) or encode_sample(
+                    decoded, annotations, self.annotators, self.opts, shard_name(self.opts.prefix, index))
             if isinstance(result, FailureRecord):
-                self.failed.inc()
+                (self.gated if result.stage == "gate" else self.failed).inc()
             else:
                 self.annotated.inc()
             yield (index, (digest, result))
+        self.progress.advance(len(batch))
+
+
+class LoadedAnnotators:
+    """The annotators of one worker process, loaded once and shared."""
+
+    def __init__(self, opts: AnnotateOptions) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        gpu_index = claim_gpu(opts) if opts.gpus else None
+        self.annotators = []
+        for name, options in opts.annotators:
+            options = dict(options)
+            if gpu_index is not None and "device" in get_annotator_class(name).option_names():
+                options["device"] = f"cuda:{gpu_index}"
+            self.annotators.append(create_annotator(name, **options))
+        for a in self.annotators:
+            a.setup()
+        self.lock = threading.Lock()
+        cpu = [a for a in self.annotators if not a.uses_gpu]
+        self.pool = ThreadPoolExecutor(max_workers=len(cpu)) if cpu and len(cpu) < len(self.annotators) else None
+
+
+_CLAIMED_GPU: int | None = None
+
+
+def claim_gpu(opts: AnnotateOptions) -> int:
+    """A GPU index for this worker process, distinct from the other workers
+    of the same run: lock files under the system temp folder, one per GPU, so
+    no two worker processes share a GPU."""
+    global _CLAIMED_GPU
+    if _CLAIMED_GPU is not None:
+        return _CLAIMED_GPU
+    import os
+    import tempfile
+
+    folder = os.path.join(tempfile.gettempdir(), f"controlset-gpus-{opts.run_id}")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(opts.gpus):
+        try:
+            fd = os.open(os.path.join(folder, f"gpu-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        _CLAIMED_GPU = i
+        return i
+    raise RuntimeError(f"more worker processes than --gpus {opts.gpus}; each GPU already has a worker")
+
+
+def annotator_batch_sizes(opts: AnnotateOptions, annotators) -> dict[str, int]:
+    """Chunk size per annotator: ``--annotator-batch`` values, else each
+    annotator's default for GPU annotators (CPU ones take the whole batch)."""
+    sizes = dict(opts.annotator_batch_sizes)
+    for a in annotators:
+        if a.name not in sizes and a.uses_gpu:
+            sizes[a.name] = a.default_batch_size
+    return sizes
+
+
+def beam_batch_size(opts: AnnotateOptions) -> int:
+    """Images per Beam batch: ``--batch-size``, else the largest annotator batch."""
+    if opts.batch_size:
+        return opts.batch_size
+    from annotators import get_annotator_class
+
+    sizes = dict(opts.annotator_batch_sizes)
+    return max([16] + [sizes.get(n, get_annotator_class(n).default_batch_size) for n, _ in opts.annotators])
+
+
+class Progress:
+    """Prints images done, rate and ETA every few seconds (per worker process)."""
+
+    def __init__(self, total: int, every: float = 5.0) -> None:
+        import time
+
+        self.total, self.every = total, every
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def advance(self, n: int) -> None:
+        import sys
+        import time
+
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = f", ETA {max(0, self.total - self.done) / rate:.0f}s" if self.total and rate else ""
+        of = f"/{self.total}" if self.total else ""
+        print(f"controlset: annotated {self.done}{of} images ({rate:.1f} img/s{eta})", file=sys.stderr, flush=True)
 
 
 class WriteShardFn(beam.DoFn):
@@ -214,8 +328,8 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
     )
     annotated = (
         decoded.ok
-        | "Batch" >> beam.BatchElements(min_batch_size=opts.batch_size, max_batch_size=opts.batch_size)
-        | "Annotate" >> beam.ParDo(AnnotateFn(opts))
+        | "Batch" >> beam.BatchElements(min_batch_size=beam_batch_size(opts), max_batch_size=beam_batch_size(opts))
+        | "Annotate" >> beam.ParDo(AnnotateFn(opts, total=len(refs)))
     )
     written = (
         (annotated, decoded.failed)

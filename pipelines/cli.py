@@ -52,6 +52,31 @@ def parse_annotator_options(
     return tuple(out)
 
 
+def _gpu_count(value: str | None) -> int:
+    if value is None:
+        return 0
+    if value == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise UsageError("--gpus all: no CUDA GPU is visible")
+        return n
+    if not value.isdigit():
+        raise UsageError(f"--gpus expects a number or 'all', got {value!r}")
+    return int(value)
+
+
+def _annotator_batches(items: list[str]) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            raise UsageError(f"--annotator-batch expects NAME=N with N >= 1, got {item!r}")
+        out.append((name, int(value)))
+    return tuple(out)
+
+
 def _annotator_names(text: str) -> list[str]:
     from annotators import list_annotators
 
@@ -104,6 +129,9 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             min_size=args.min_size,
             max_aspect=args.max_aspect,
             batch_size=args.batch_size,
+            annotator_batch_sizes=_annotator_batches(args.annotator_batch or []),
+            gates=tuple(args.gate or []) + tuple(config.get("gates") or []),
+            gpus=_gpu_count(args.gpus),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -123,7 +151,20 @@ def print_summary(stats: dict[str, Any], output: str) -> None:
         if stats.get(key):
             reasons = ", ".join(f"{r}: {n}" for r, n in stats[key].items())
             print(f"  {label}: {reasons}")
-    skipped = stats.get("counters", {}).get("shards_skipped", 0)
+    counters = stats.get("counters", {})
+    timed = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
+    if timed:
+        total = sum(timed.values()) or 1
+        print("  annotator        seconds   share")
+        for name, ms in sorted(timed.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<14} {ms / 1000:9.1f}   {100 * ms / total:4.0f}%")
+    stages = [("inputs", "probed"), ("decoded", "decoded"), ("decode_failed", "decode failed"),
+              ("annotated", "annotated"), ("annotate_failed", "annotate failed"), ("gated", "gated"),
+              ("shards_written", "shards written")]
+    line = ", ".join(f"{label} {counters[k]}" for k, label in stages if counters.get(k))
+    if line:
+        print(f"  stages: {line}")
+    skipped = counters.get("shards_skipped", 0)
     note = f", {skipped} already complete and kept" if skipped else ""
     print(f"  {stats['shards']} shard(s){note} in {output} (stats.json, failures.parquet, filtered.parquet)")
 
@@ -179,9 +220,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
     p.add_argument("--min-size", type=int, default=256, help="filter images whose shorter side is smaller")
     p.add_argument("--max-aspect", type=float, default=3.0, help="filter images with a larger aspect ratio")
-    p.add_argument("--batch-size", type=int, default=16, help="images per annotator batch")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per pipeline batch (default: the largest annotator batch size)")
+    p.add_argument("--annotator-batch", action="append", metavar="NAME=N",
+                   help="batch size of one annotator on the device, e.g. caption=64 (repeatable)")
+    p.add_argument("--gate", action="append", metavar="NAME.FIELD>=N",
+                   help="yield gate on annotator metadata, e.g. 'mlsd.lines>16', 'openpose.keypoints>=8' "
+                        "(repeatable; failing images are filtered with reason gate:NAME.FIELD)")
     p.add_argument("--weights", default=None, help="folder with annotator weights (neural annotators)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--gpus", default=None, metavar="N|all",
+                   help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="default: bf16 on GPU, fp32 on CPU")
     p.set_defaults(func=cmd_annotate, passthrough=True)

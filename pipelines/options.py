@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +30,11 @@ class AnnotateOptions:
     min_size: int = 256
     max_aspect: float = 3.0
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
-    batch_size: int = 16
+    batch_size: int | None = None  # images per Beam batch; None: the largest annotator batch
+    annotator_batch_sizes: tuple[tuple[str, int], ...] = ()  # per-annotator chunk sizes
+    gates: tuple[str, ...] = ()  # yield gates, e.g. "openpose.keypoints>=8", "mlsd.lines>16"
+    gpus: int = 0  # >0: one worker process per GPU, each claiming its own
+    run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -37,8 +43,10 @@ class AnnotateOptions:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
         if self.shard_size < 1:
             raise ValueError(f"shard size must be >= 1, got {self.shard_size}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        for gate in self.gates:
+            parse_gate(gate)
         if self.max_aspect < 1:
             raise ValueError(f"max aspect must be >= 1, got {self.max_aspect}")
         if not self.prefix or any(c in self.prefix for c in "/.\\ "):
@@ -57,7 +65,44 @@ class AnnotateOptions:
             "shard_size": self.shard_size,
             "jpeg_quality": self.jpeg_quality,
             "annotators": annotator_descriptions,
+            "gates": sorted(self.gates),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_GATE_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+)\s*$")
+_OPS = {
+    ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
+    "==": operator.eq, "!=": operator.ne,
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A yield gate on an annotator's per-sample metadata, e.g. keep only
+    images where ``mlsd.lines > 16`` (as ControlNet 1.1 selected its M-LSD
+    data) or ``openpose.keypoints >= 8``."""
+
+    annotator: str
+    field: str
+    op: str
+    value: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.annotator}.{self.field}{self.op}{self.value:g}"
+
+    def passes(self, meta: dict[str, Any]) -> bool:
+        value = meta.get(self.field)
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"annotator {self.annotator!r} reports no numeric {self.field!r}")
+        return bool(_OPS[self.op](value, self.value))
+
+
+def parse_gate(text: str) -> Gate:
+    m = _GATE_RE.match(text)
+    if not m:
+        raise ValueError(f"gate must look like NAME.FIELD>=NUMBER (ops: >= > <= < == !=), got {text!r}")
+    return Gate(m.group(1), m.group(2), m.group(3), float(m.group(4)))

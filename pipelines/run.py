@@ -6,6 +6,8 @@ import json
 import logging
 import posixpath
 import time
+import uuid
+from dataclasses import replace
 from typing import Any
 
 import apache_beam as beam
@@ -47,15 +49,28 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     if len(set(names)) != len(names):
         raise UsageError(f"annotator listed twice: {', '.join(names)}")
     descriptions = describe_annotators(opts)
+    for gate in opts.gates:
+        from pipelines.options import parse_gate
+
+        g = parse_gate(gate)
+        if g.annotator not in names:
+            raise UsageError(f"gate {gate!r} names annotator {g.annotator!r}, which is not selected")
     refs = discover(list(opts.inputs))
     if not refs:
         raise UsageError(f"no images or tar shards found in {', '.join(opts.inputs)}")
     fs, root = open_output_fs(opts.output)
+    beam_args = list(beam_args or [])
+    if opts.gpus:
+        opts = replace(opts, run_id=opts.run_id or uuid.uuid4().hex)
+        if not any(a.startswith("--runner") for a in beam_args) and not any(
+                a.startswith("--direct_running_mode") for a in beam_args):
+            # One worker process per GPU; each claims its own GPU.
+            beam_args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={opts.gpus}"]
     fingerprint = opts.fingerprint(descriptions)
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
-    p = beam.Pipeline(options=pipeline_options(beam_args or []))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
     result = p.run()
     result.wait_until_finish()

@@ -205,38 +205,120 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
 # --------------------------------------------------------------------- annotate
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_annotator(
+    annotator: Annotator, images: Sequence[np.ndarray], keys: Sequence[str], batch_size: int | None = None
+) -> list[Annotation | BaseException]:
+    """One annotator over many images, in chunks of ``batch_size``.
+
+    A chunk that runs out of accelerator memory is split in halves and
+    retried (not dropped); a chunk that fails otherwise is retried image by
+    image, so one bad image costs only itself. Returns an Annotation or the
+    exception for each image.
+    """
+    size = batch_size or len(images) or 1
+    out: list[Annotation | BaseException] = []
+    for start in range(0, len(images), size):
+        out += _run_chunk(annotator, list(images[start:start + size]), list(keys[start:start + size]))
+    return out
+
+
+def _run_chunk(annotator: Annotator, images: list, keys: list) -> list[Annotation | BaseException]:
+    try:
+        outs = annotator.annotate_batch(images, keys)
+        if len(outs) != len(images):
+            raise RuntimeError(f"returned {len(outs)} results for {len(images)} images")
+        return list(outs)
+    except Exception as exc:
+        if len(images) == 1:
+            return [exc]
+        if _is_oom(exc):
+            _free_accelerator_memory()
+            log.warning("%s ran out of memory on a batch of %d; retrying as two of %d",
+                        annotator.name, len(images), len(images) // 2)
+            half = len(images) // 2
+            return _run_chunk(annotator, images[:half], keys[:half]) + _run_chunk(annotator, images[half:], keys[half:])
+        return [r for i in range(len(images)) for r in _run_chunk(annotator, images[i:i + 1], keys[i:i + 1])]
+
+
 def annotate_decoded(
-    batch: Sequence[Decoded], annotators: Sequence[Annotator]
+    batch: Sequence[Decoded],
+    annotators: Sequence[Annotator],
+    batch_sizes: dict[str, int] | None = None,
+    timings: dict[str, float] | None = None,
+    pool=None,
 ) -> list[tuple[Decoded, dict[str, Annotation]] | FailureRecord]:
-    """Run every annotator over a batch. If an annotator fails on the batch,
-    it is retried image by image so one bad image costs only itself."""
-    results: list[dict[str, Annotation] | FailureRecord] = [{} for _ in batch]
-    for annotator in annotators:
-        live = [i for i, r in enumerate(results) if not isinstance(r, FailureRecord)]
-        if not live:
-            break
-        images = [batch[i].image for i in live]
-        keys = [batch[i].candidate.key for i in live]
+    """Run every annotator over a batch; one result per input, in order.
+
+    Each annotator works in chunks of its own batch size (``batch_sizes``).
+    With a thread ``pool``, annotators that do not use the GPU run on it while
+    the GPU annotators run here, so CPU work overlaps GPU work (OpenCV and
+    torch release the GIL). ``timings`` accumulates seconds per annotator.
+    """
+    import time
+
+    images = [d.image for d in batch]
+    keys = [d.candidate.key for d in batch]
+    batch_sizes = batch_sizes or {}
+
+    def timed(annotator: Annotator) -> list:
+        t0 = time.perf_counter()
+        res = run_annotator(annotator, images, keys, batch_sizes.get(annotator.name))
+        if timings is not None:
+            timings[annotator.name] = timings.get(annotator.name, 0.0) + time.perf_counter() - t0
+        return res
+
+    if pool is not None:
+        background = {a.name: pool.submit(timed, a) for a in annotators if not a.uses_gpu}
+        outputs = {a.name: timed(a) for a in annotators if a.uses_gpu}
+        outputs.update({name: fut.result() for name, fut in background.items()})
+    else:
+        outputs = {a.name: timed(a) for a in annotators}
+    results: list = []
+    for i, d in enumerate(batch):
+        per: dict[str, Annotation] = {}
+        failure = None
+        for a in annotators:
+            r = outputs[a.name][i]
+            if isinstance(r, BaseException):
+                c = d.candidate
+                failure = FailureRecord(
+                    c.source, FAILED, "annotate", "annotator_error",
+                    f"{a.name}: {type(r).__name__}: {r}", key=c.key, error_type=type(r).__name__,
+                )
+                break
+            per[a.name] = r
+        results.append(failure if failure is not None else (d, per))
+    return results
+
+
+def gate_sample(decoded: Decoded, annotations: dict[str, Annotation], gates) -> FailureRecord | None:
+    """A ``filtered`` record if the sample fails a yield gate, else None."""
+    c = decoded.candidate
+    for gate in gates:
+        if gate.annotator not in annotations:
+            continue
         try:
-            outs = annotator.annotate_batch(images, keys)
-            if len(outs) != len(live):
-                raise RuntimeError(f"returned {len(outs)} results for {len(live)} images")
-            pairs = list(zip(live, outs))
-        except Exception:
-            pairs = []
-            for i in live:
-                try:
-                    pairs.append((i, annotator.annotate_batch([batch[i].image], [batch[i].candidate.key])[0]))
-                except Exception as exc:
-                    c = batch[i].candidate
-                    results[i] = FailureRecord(
-                        c.source, FAILED, "annotate", "annotator_error",
-                        f"{annotator.name}: {type(exc).__name__}: {exc}", key=c.key,
-                        error_type=type(exc).__name__,
-                    )
-        for i, ann in pairs:
-            results[i][annotator.name] = ann  # type: ignore[index]
-    return [r if isinstance(r, FailureRecord) else (batch[i], r) for i, r in enumerate(results)]
+            passed = gate.passes(annotations[gate.annotator].meta)
+        except ValueError as exc:
+            return FailureRecord(c.source, FAILED, "gate", "gate_error", str(exc), key=c.key,
+                                 error_type="ValueError")
+        if not passed:
+            value = annotations[gate.annotator].meta.get(gate.field)
+            return FailureRecord(c.source, FILTERED, "gate", f"gate:{gate.annotator}.{gate.field}",
+                                 f"{gate.annotator}.{gate.field} = {value} fails {gate.text}", key=c.key)
+    return None
 
 
 # ----------------------------------------------------------------------- encode
