@@ -1,0 +1,215 @@
+"""End to end: every annotator in one Beam run on a GPU, against the chain of
+reference per-image annotators (controlnet-aux detectors and transformers'
+per-image inference) on a subset, in the same run.
+
+Random weights of the real architectures (nothing is downloaded). Reports
+images/s of the whole pipeline (decode, all annotators, encode, write), GPU
+utilisation sampled with nvidia-smi, and each annotator's share of time.
+
+    python bench/bench_e2e.py --images 2000              # one GPU
+    python bench/bench_e2e.py --images 2000 --gpus 2     # one worker per GPU
+    python bench/bench_e2e.py --smoke                    # tiny CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+ANNOTATORS = ("canny", "hough", "mlsd", "hed", "openpose", "depth", "normal", "seg", "caption")
+
+
+def build_models(folder: Path, tiny: bool) -> dict[str, dict]:
+    """Options per annotator pointing at random weights of the real networks."""
+    from bench_hf_annotators import build_blip_large, build_dpt_hybrid, build_upernet_convnext_small
+    from bench_neural_annotators import save_random_weights
+
+    weights = folder / "annotators"
+    weights.mkdir(parents=True, exist_ok=True)
+    nets = save_random_weights(str(weights))
+    dpt = build_dpt_hybrid(str(folder / "dpt"), tiny)
+    seg = build_upernet_convnext_small(str(folder / "seg"), tiny)
+    blip = build_blip_large(str(folder / "blip"), tiny)
+    return {
+        "canny": {}, "hough": {},
+        "mlsd": {"weights": str(weights)}, "hed": {"weights": str(weights)},
+        "openpose": {"weights": str(weights)},
+        "depth": {"model": dpt}, "normal": {"model": dpt}, "seg": {"model": seg},
+        "caption": {"model": blip, "max_new_tokens": 20, "min_new_tokens": 20},
+        "_nets": nets,
+    }
+
+
+def write_inputs(folder: Path, count: int, side: int) -> None:
+    from PIL import Image
+    from skimage import data
+
+    base = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        im = base[i % len(base)][..., :3]
+        k = side / min(im.shape[:2])
+        im = cv2.resize(im, (round(im.shape[1] * k), round(im.shape[0] * k)), interpolation=cv2.INTER_AREA)
+        im[:4, :4] = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)  # distinct content keys
+        Image.fromarray(im).save(folder / f"img{i:05d}.jpg", quality=92)
+
+
+class GpuSampler:
+    """Samples GPU utilisation with nvidia-smi while a run is in progress."""
+
+    def __init__(self) -> None:
+        self.samples: list[list[int]] = []
+        self.proc = None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
+                stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        row: list[int] = []
+        for line in self.proc.stdout:
+            try:
+                row.append(int(line.strip()))
+            except ValueError:
+                continue
+            self.samples.append([row[-1]])
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+
+    def summary(self) -> dict:
+        vals = [s[0] for s in self.samples]
+        return {"mean_util_percent": round(float(np.mean(vals)), 1), "samples": len(vals)} if vals else {}
+
+
+def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
+    """Images/s of the reference annotators run one image at a time."""
+    import torch
+    from bench_hf_annotators import reference_runner
+    from bench_neural_annotators import reference_detector
+
+    from controlnet_aux.util import HWC3  # noqa: F401  (imported for its side effects on detectors)
+
+    nets = models["_nets"]
+    dets = {n: reference_detector(n, nets, device) for n in ("hed", "mlsd", "openpose")}
+    runners = {
+        "depth": reference_runner("depth", models["depth"]["model"], device, {}),
+        "seg": reference_runner("seg", models["seg"]["model"], device, {}),
+        "caption": reference_runner("caption", models["caption"]["model"], device,
+                                    {"max_new_tokens": 20, "min_new_tokens": 20, "num_beams": 3}),
+    }
+
+    def one(img):
+        h = img.shape[0]
+        cv2.Canny(img, 100, 200)
+        dets["hed"](img, detect_resolution=h, image_resolution=h)
+        dets["mlsd"](img, detect_resolution=h, image_resolution=h)
+        dets["openpose"](img, detect_resolution=h, image_resolution=h)
+        for r in runners.values():
+            r(img)
+
+    one(images[0])  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for img in images:
+        one(img)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--side", type=int, default=576, help="short side of the input JPEGs")
+    ap.add_argument("--resolution", type=int, default=512)
+    ap.add_argument("--gpus", type=int, default=0, help="0: one GPU, threads in one process; N: one process per GPU")
+    ap.add_argument("--threads", type=int, default=4, help="DirectRunner threads when --gpus is 0")
+    ap.add_argument("--reference-images", type=int, default=8)
+    ap.add_argument("--annotators", default=",".join(ANNOTATORS))
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--keep", default=None, help="keep the work folder here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.images, args.side, args.resolution, args.reference_images = 16, 160, 128, 2
+
+    import torch
+
+    from pipelines.options import AnnotateOptions
+    from pipelines.run import run_annotate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    work = Path(args.keep or tempfile.mkdtemp(prefix="controlset-e2e-"))
+    t0 = time.perf_counter()
+    models = build_models(work / "models", tiny=args.smoke)
+    write_inputs(work / "in", args.images, args.side)
+    setup_s = time.perf_counter() - t0
+    names = [n for n in args.annotators.split(",") if n]
+    opts = AnnotateOptions(
+        inputs=(str(work / "in"),), output=str(work / "out"),
+        annotators=tuple((n, models[n]) for n in names),
+        resolution=args.resolution, shard_size=500, gpus=args.gpus, min_size=min(256, args.side),
+    )
+    beam_args = [] if args.gpus else ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
+    with GpuSampler() as gpu:
+        t0 = time.perf_counter()
+        stats = run_annotate(opts, beam_args)
+        wall = time.perf_counter() - t0
+    counters = stats.get("counters", {})
+    ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
+    total_ms = sum(ms.values()) or 1
+    ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
+                  for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
+    ref_rate = reference_chain(models, [np.ascontiguousarray(i) for i in ref_images], device)
+    summary = {
+        "benchmark": "end_to_end_all_annotators",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["bench/bench_e2e.py"] + (argv if argv is not None else sys.argv[1:])),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "gpus_visible": torch.cuda.device_count(),
+        "weights": "seeded random, real architectures" + (" (tiny configs)" if args.smoke else ""),
+        "annotators": names,
+        "images": args.images,
+        "resolution": args.resolution,
+        "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
+        "pipeline_seconds": round(wall, 2),
+        "images_per_s": round(stats["written"] / wall, 2),
+        "gpu": gpu.summary(),
+        "annotator_share_percent": {k: round(100 * v / total_ms, 1) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
+        "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
+        "reference_chain_images_per_s": round(ref_rate, 3),
+        "reference_images": len(ref_images),
+        "speedup_vs_reference_chain": round(stats["written"] / wall / ref_rate, 1),
+        "setup_seconds": round(setup_s, 1),
+    }
+    print(json.dumps(summary, indent=2), flush=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
