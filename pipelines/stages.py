@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -27,7 +28,7 @@ from pipelines.sources import (
     read_bytes,
     read_location,
 )
-from schemas import FAILED, FILTERED, FailureRecord, ManifestRow, build_metadata, content_key
+from schemas import FAILED, FILTERED, FailureRecord, ManifestRow, build_metadata, content_key, is_valid_key
 from schemas.codec import encode_jpeg, encode_member
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class Candidate:
     caption_source: str | None
     width: int
     height: int
+    #: Set for a sample of existing controlset shards being re-annotated: its
+    #: metadata (JSON text) and its other members, kept as they are.
+    prior_meta: str | None = None
+    prior_members: tuple[tuple[str, Location], ...] = ()
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Decoded:
     image: np.ndarray
     crop_box: tuple[int, int, int, int]
     frames: int
+    prior_members: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,6 +153,11 @@ def _probe_tar(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | Fai
                 )
                 continue
             loc = sample.members[image_ext]
+            if "json" in sample.members and image_ext == "jpg":
+                prior = _controlset_sample(source, sample, loc)
+                if prior is not None:
+                    yield prior
+                    continue
             try:
                 if loc.size is not None and loc.size > opts.max_file_bytes:
                     raise FileTooLargeError(f"member is larger than the {opts.max_file_bytes}-byte limit")
@@ -162,6 +173,33 @@ def _probe_tar(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | Fai
     except Exception as exc:
         # Samples yielded before the damage stand; the tar itself is one failure.
         yield FailureRecord.from_exception(ref.source, "read", "bad_tar", exc)
+
+
+def _controlset_sample(source: str, sample, loc: Location) -> Candidate | FailureRecord | None:
+    """A sample written by controlset (its json has our schema): it is
+    re-annotated in place of being re-imported, keeping its key, image bytes,
+    caption and every other member. None for any other WebDataset sample."""
+    import json
+
+    try:
+        meta = json.loads(read_location(sample.members["json"]).decode("utf-8"))
+    except Exception:
+        return None
+    if not isinstance(meta, dict) or "schema_version" not in meta or "annotators" not in meta:
+        return None
+    key = posixpath.basename(sample.key)
+    if not is_valid_key(key):
+        return None
+    try:
+        caption = read_location(sample.members["txt"]).decode("utf-8") if "txt" in sample.members else ""
+    except Exception as exc:
+        return FailureRecord.from_exception(source, "read", "read_error", exc, key=key)
+    others = tuple(sorted((ext, l) for ext, l in sample.members.items() if ext not in ("jpg", "json", "txt")))
+    return Candidate(
+        key, source, loc, caption, meta.get("caption_source"),
+        int(meta.get("original_width", 0)), int(meta.get("original_height", 0)),
+        prior_meta=json.dumps(meta, sort_keys=True), prior_members=others,
+    )
 
 
 # ------------------------------------------------------------------------ dedup
@@ -194,6 +232,16 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
     except DecodeError as exc:
         return FailureRecord(c.source, FAILED, "decode", exc.reason, str(exc), key=c.key,
                              error_type="DecodeError")
+    if c.prior_meta is not None:  # already at its output geometry: keep it exactly
+        import json
+
+        try:
+            prior = {ext: read_location(l) for ext, l in c.prior_members}
+        except Exception as exc:
+            return FailureRecord.from_exception(c.source, "read", "read_error", exc, key=c.key)
+        prior["jpg"] = data
+        box = tuple(json.loads(c.prior_meta).get("crop_box", (0, 0, rgb.shape[1], rgb.shape[0])))
+        return Decoded(c, rgb, box, header.frames, prior)
     try:
         box, size = plan_geometry(rgb.shape[1], rgb.shape[0], opts.resolution, opts.crop)
         image = apply_geometry(rgb, box, size)
@@ -335,7 +383,10 @@ def encode_sample(
     c = decoded.candidate
     try:
         h, w = decoded.image.shape[:2]
-        members: dict[str, bytes] = {"jpg": encode_jpeg(decoded.image, opts.jpeg_quality)}
+        if decoded.prior_members:  # re-annotation: every existing member stays as it was
+            members = dict(decoded.prior_members)
+        else:
+            members = {"jpg": encode_jpeg(decoded.image, opts.jpeg_quality)}
         caption, caption_source = c.caption, c.caption_source
         ann_meta: dict[str, dict] = {}
         conditions: list[str] = []
@@ -360,7 +411,16 @@ def encode_sample(
                         raise ValueError(f"{annotator.name} wrote {name} of shape {arr.shape}, expected {h}x{w}")
                     conditions.append(name[: -len(".png")])
                 members[name] = encode_member(name, value)
-        meta = build_metadata(
+        if c.prior_meta is not None:
+            import json
+
+            meta = json.loads(c.prior_meta)
+            meta["annotators"] = {**meta.get("annotators", {}), **ann_meta}
+            meta["caption_source"] = caption_source
+            conditions = sorted({*conditions, *(n[: -len(".png")] for n in members if n.endswith(".png"))})
+        else:
+            meta = None
+        meta = meta or build_metadata(
             key=c.key,
             source=c.source,
             original_size=(c.width, c.height),

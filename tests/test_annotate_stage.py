@@ -1,0 +1,155 @@
+"""The annotate stage at scale: re-annotation of existing shards, yield gates,
+out-of-memory batches split rather than dropped, per-annotator batching and
+CPU/GPU overlap, one worker per GPU."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from _images import photo, tree_bytes
+from annotators import Annotation, Annotator, create_annotator
+from pipelines.options import AnnotateOptions, parse_gate
+from pipelines.run import run_annotate
+from pipelines.stages import Candidate, Decoded, annotate_decoded, run_annotator
+from pipelines.sources import Location
+from pipelines.validate import validate_dataset
+
+
+def annotate(inputs, out, **kw) -> dict:
+    kw.setdefault("annotators", (("canny", {}),))
+    return run_annotate(AnnotateOptions(inputs=tuple(map(str, inputs)), output=str(out), **kw), [])
+
+
+def samples(folder: Path) -> dict[str, dict]:
+    tars = sorted(str(p) for p in folder.glob("*.tar"))
+    return {s["__key__"]: s for s in wds.WebDataset(tars, shardshuffle=False)}
+
+
+def test_reannotation_adds_a_member_and_keeps_everything_else(photos_dir, tmp_path):
+    first = tmp_path / "first"
+    annotate([photos_dir], first, shard_size=4)
+    original = tree_bytes(first, "*")
+    again = tmp_path / "again"
+    stats = annotate(sorted(first.glob("*.tar")), again, annotators=(("hough", {}),), shard_size=4)
+    assert stats["written"] == 6 and stats["failed"] == 0
+    before, after = samples(first), samples(again)
+    assert sorted(before) == sorted(after)  # same keys
+    for key, old in before.items():
+        new = after[key]
+        assert new["jpg"] == old["jpg"] and new["canny.png"] == old["canny.png"] and new["txt"] == old["txt"]
+        assert "hough.png" in new
+        meta_old, meta_new = json.loads(old["json"]), json.loads(new["json"])
+        assert set(meta_new["annotators"]) == {"canny", "hough"}
+        assert meta_new["annotators"]["canny"] == meta_old["annotators"]["canny"]
+        assert meta_new["source"] == meta_old["source"] and meta_new["crop_box"] == meta_old["crop_box"]
+    assert validate_dataset(str(again)).ok
+    assert tree_bytes(first, "*") == original  # input shards are never rewritten in place
+
+
+def test_yield_gates_filter_with_a_reason(photos_dir, tmp_path):
+    stats = annotate([photos_dir], tmp_path / "o", annotators=(("canny", {}), ("hough", {})),
+                     gates=("hough.lines>=60",))
+    kept = samples(tmp_path / "o")
+    lines = [json.loads(s["json"])["annotators"]["hough"]["lines"] for s in kept.values()]
+    assert all(n >= 60 for n in lines)
+    gated = stats["filtered_by_reason"].get("gate:hough.lines", 0)
+    assert gated > 0 and stats["written"] + gated == 6
+    assert stats["inputs"] == stats["written"] + stats["filtered"] + stats["failed"]
+
+
+def test_gate_parsing():
+    g = parse_gate("openpose.keypoints >= 8")
+    assert (g.annotator, g.field, g.op, g.value) == ("openpose", "keypoints", ">=", 8.0)
+    assert g.passes({"keypoints": 8}) and not g.passes({"keypoints": 7})
+    with pytest.raises(ValueError):
+        parse_gate("openpose keypoints 8")
+    with pytest.raises(ValueError):
+        AnnotateOptions(inputs=("x",), output="y", gates=("bad",))
+
+
+class _MemoryHungry(Annotator):
+    """Edges (a real Canny map) but 'runs out of memory' above 2 images, as a
+    GPU does when a batch is too large for it."""
+
+    name = "memory_hungry_test"
+    members = ("memory_hungry_test.png",)
+    uses_gpu = True
+    calls: list[int] = []
+
+    def annotate_batch(self, images, keys=None):
+        import torch
+
+        type(self).calls.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        canny = create_annotator("canny")
+        return [Annotation({"memory_hungry_test.png": canny(im).members["canny.png"]}) for im in images]
+
+
+class _Flaky(Annotator):
+    name = "flaky_test"
+    members = ("flaky_test.png",)
+
+    def annotate_batch(self, images, keys=None):
+        if any(im[0, 0, 0] == 0 for im in images):
+            raise ValueError("cannot handle a black corner")
+        return [Annotation({"flaky_test.png": im[:, :, 0].copy()}) for im in images]
+
+
+def _decoded(n: int) -> list[Decoded]:
+    out = []
+    for i in range(n):
+        img = np.ascontiguousarray(photo(["astronaut", "coffee", "chelsea"][i % 3])[:64, :64])
+        img[0, 0] = 0 if i == 3 else 200
+        c = Candidate(f"k{i}", f"src{i}", Location(f"src{i}"), "", None, 64, 64)
+        out.append(Decoded(c, img, (0, 0, 64, 64), 1))
+    return out
+
+
+def test_out_of_memory_batches_are_split_not_dropped():
+    _MemoryHungry.calls = []
+    batch = _decoded(8)
+    results = run_annotator(_MemoryHungry(), [d.image for d in batch], [d.candidate.key for d in batch])
+    assert all(isinstance(r, Annotation) for r in results)
+    assert _MemoryHungry.calls[0] == 8 and max(_MemoryHungry.calls[1:]) <= 4
+    expected = [create_annotator("canny")(d.image).members["canny.png"] for d in batch]
+    for r, e in zip(results, expected):
+        np.testing.assert_array_equal(r.members["memory_hungry_test.png"], e)
+
+
+def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results():
+    batch = _decoded(6)
+    anns = [_Flaky(), create_annotator("canny"), create_annotator("hough")]
+    plain = annotate_decoded(batch, anns, batch_sizes={"canny": 4})
+    with ThreadPoolExecutor(2) as pool:
+        timings: dict[str, float] = {}
+        overlapped = annotate_decoded(batch, anns, batch_sizes={"canny": 4}, timings=timings, pool=pool)
+    assert set(timings) == {"flaky_test", "canny", "hough"}
+    for i, (a, b) in enumerate(zip(plain, overlapped)):
+        if i == 3:
+            assert a.reason == b.reason == "annotator_error" and "flaky_test" in a.message
+            continue
+        for name in ("canny", "hough", "flaky_test"):
+            for member, value in a[1][name].members.items():
+                np.testing.assert_array_equal(value, b[1][name].members[member])
+
+
+def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
+    import pipelines.beam as pb
+
+    opts = AnnotateOptions(inputs=("x",), output="y", gpus=2, run_id=f"test-{tmp_path.name}")
+    monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
+    first = pb.claim_gpu(opts)
+    assert pb.claim_gpu(opts) == first  # a process keeps its GPU
+    monkeypatch.setattr(pb, "_CLAIMED_GPU", None)  # as a second worker process
+    second = pb.claim_gpu(opts)
+    assert {first, second} == {0, 1}
+    monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
+    with pytest.raises(RuntimeError):
+        pb.claim_gpu(opts)
