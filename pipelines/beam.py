@@ -35,12 +35,13 @@ from pipelines.stages import (
     decode_candidate,
     encode_sample,
     gate_sample,
+    near_duplicates,
     plan_digest,
     probe_input,
     shard_boundaries,
 )
 from pipelines.writer import ShardSummary, read_shard_summary, shard_is_complete, shard_name, write_shard
-from schemas import FailureRecord
+from schemas import FILTERED, FailureRecord
 
 log = logging.getLogger(__name__)
 NS = "controlset"
@@ -71,6 +72,17 @@ class DedupFn(beam.DoFn):
         yield kept
         for record in dropped:
             yield beam.pvalue.TaggedOutput("records", record)
+
+
+class DropNearFn(beam.DoFn):
+    def process(self, c: Candidate, drop: dict) -> Iterable:
+        if c.key in drop:
+            kept_source, bits = drop[c.key]
+            yield beam.pvalue.TaggedOutput("records", FailureRecord(
+                c.source, FILTERED, "dedup", "near_duplicate",
+                f"perceptual hash within {bits} bit(s) of {kept_source}", key=c.key))
+        else:
+            yield c
 
 
 def _assign(c: Candidate, boundaries: list[str]) -> tuple[int, Candidate]:
@@ -309,14 +321,26 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
         | "GroupDuplicates" >> beam.GroupByKey()
         | "Dedup" >> beam.ParDo(DedupFn()).with_outputs("records", main="kept")
     )
+    kept = deduped.kept
+    near_records = None
+    if opts.near_duplicates:
+        drop = (
+            kept
+            | "Hashes" >> beam.Map(lambda c: (c.key, c.source, c.phash))
+            | "AllHashes" >> beam.combiners.ToList()
+            | "NearDuplicates" >> beam.Map(near_duplicates, opts.near_duplicates)
+        )
+        split = kept | "DropNear" >> beam.ParDo(DropNearFn(), beam.pvalue.AsSingleton(drop)).with_outputs(
+            "records", main="kept")
+        kept, near_records = split.kept, split.records
     boundaries = (
-        deduped.kept
+        kept
         | "Keys" >> beam.Map(lambda c: c.key)
         | "AllKeys" >> beam.combiners.ToList()
         | "Boundaries" >> beam.Map(lambda keys: shard_boundaries(sorted(keys), opts.shard_size))
     )
     planned = (
-        deduped.kept
+        kept
         | "AssignShard" >> beam.Map(_assign, beam.pvalue.AsSingleton(boundaries))
         | "GroupPlan" >> beam.GroupByKey()
         | "PlanShards" >> beam.ParDo(PlanShardFn(opts, fingerprint_json)).with_outputs("done", main="todo")
@@ -338,7 +362,8 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
         | "WriteShards" >> beam.ParDo(WriteShardFn(opts))
     )
     summaries = (written, planned.done) | "AllShards" >> beam.Flatten()
-    records = (probed.records, deduped.records) | "EarlyRecords" >> beam.Flatten()
+    early = [probed.records, deduped.records] + ([near_records] if near_records is not None else [])
+    records = tuple(early) | "EarlyRecords" >> beam.Flatten()
     total_inputs = (
         (inputs, early_failed)
         | "InputCounts" >> beam.Flatten()

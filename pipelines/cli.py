@@ -132,6 +132,7 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             annotator_batch_sizes=_annotator_batches(args.annotator_batch or []),
             gates=tuple(args.gate or []) + tuple(config.get("gates") or []),
             gpus=_gpu_count(args.gpus),
+            near_duplicates=args.near_duplicates,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -220,6 +221,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="shard", help="shard file prefix (default 'shard')")
     p.add_argument("--min-size", type=int, default=256, help="filter images whose shorter side is smaller")
     p.add_argument("--max-aspect", type=float, default=3.0, help="filter images with a larger aspect ratio")
+    p.add_argument("--near-duplicates", type=int, default=0, metavar="BITS",
+                   help="also drop near-duplicates: perceptual hashes within BITS of a kept image "
+                        "(e.g. 2; default 0 = exact duplicates only)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per pipeline batch (default: the largest annotator batch size)")
     p.add_argument("--annotator-batch", action="append", metavar="NAME=N",

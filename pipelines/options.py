@@ -33,6 +33,7 @@ class AnnotateOptions:
     batch_size: int | None = None  # images per Beam batch; None: the largest annotator batch
     annotator_batch_sizes: tuple[tuple[str, int], ...] = ()  # per-annotator chunk sizes
     gates: tuple[str, ...] = ()  # yield gates, e.g. "openpose.keypoints>=8", "mlsd.lines>16"
+    near_duplicates: int = 0  # >0: drop images whose perceptual hash is within N bits of a kept one
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY
@@ -66,6 +67,7 @@ class AnnotateOptions:
             "jpeg_quality": self.jpeg_quality,
             "annotators": annotator_descriptions,
             "gates": sorted(self.gates),
+            "near_duplicates": self.near_duplicates,
         }
 
     def to_dict(self) -> dict[str, Any]:

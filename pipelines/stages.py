@@ -17,7 +17,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from annotators import Annotation, Annotator
-from pipelines.decode import DecodeError, apply_geometry, decode_rgb, plan_geometry, probe_image
+from pipelines.decode import (
+    DecodeError, apply_geometry, decode_rgb, hamming, perceptual_hash, plan_geometry, probe_image,
+)
 from pipelines.options import AnnotateOptions
 from pipelines.sources import (
     IMAGE_EXTENSIONS,
@@ -54,6 +56,8 @@ class Candidate:
     #: metadata (JSON text) and its other members, kept as they are.
     prior_meta: str | None = None
     prior_members: tuple[tuple[str, Location], ...] = ()
+    #: 64-bit perceptual hash, when near-duplicate removal is on.
+    phash: int | None = None
 
 
 @dataclass
@@ -105,7 +109,14 @@ def _candidate(
     except DecodeError as exc:
         return FailureRecord(source, FAILED, "decode", exc.reason, str(exc), key=key,
                              error_type="DecodeError")
-    cand = Candidate(key, source, location, caption, caption_source, header.width, header.height)
+    phash = None
+    if opts.near_duplicates:
+        try:
+            phash = perceptual_hash(data)
+        except DecodeError as exc:
+            return FailureRecord(source, FAILED, "decode", exc.reason, str(exc), key=key,
+                                 error_type="DecodeError")
+    cand = Candidate(key, source, location, caption, caption_source, header.width, header.height, phash=phash)
     return _filter(cand, opts) or cand
 
 
@@ -216,6 +227,32 @@ def choose_duplicate(key: str, group: Sequence[Candidate]) -> tuple[Candidate, l
         for c in ordered[1:]
     ]
     return kept, dropped
+
+
+def near_duplicates(items: Sequence[tuple[str, str, int]], distance: int) -> dict[str, tuple[str, int]]:
+    """Keys to drop as near-duplicates: {key: (kept source, bit distance)}.
+
+    ``items`` are (key, source, phash). Images are visited in source order and
+    each is kept unless its hash is within ``distance`` bits of an image
+    already kept, so the choice is the same on every run. Candidates are found
+    through four 16-bit bands of the hash: exact for distances up to 3 (two
+    hashes that close share a band), approximate beyond.
+    """
+    bands: list[dict[int, list[tuple[int, str]]]] = [{} for _ in range(4)]
+    dropped: dict[str, tuple[str, int]] = {}
+    for key, source, h in sorted(items, key=lambda t: (t[1], t[0])):
+        best: tuple[int, str] | None = None
+        for b in range(4):
+            for other, other_source in bands[b].get((h >> (16 * b)) & 0xFFFF, ()):
+                d = hamming(h, other)
+                if d <= distance and (best is None or (d, other_source) < best):
+                    best = (d, other_source)
+        if best is not None:
+            dropped[key] = (best[1], best[0])
+            continue
+        for b in range(4):
+            bands[b].setdefault((h >> (16 * b)) & 0xFFFF, []).append((h, source))
+    return dropped
 
 
 # ----------------------------------------------------------------------- decode

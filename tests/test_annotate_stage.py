@@ -153,3 +153,33 @@ def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
     with pytest.raises(RuntimeError):
         pb.claim_gpu(opts)
+
+
+def test_near_duplicates_by_perceptual_hash(photos_dir, tmp_path):
+    from PIL import Image
+
+    from _images import jpeg_bytes
+    from pipelines.decode import hamming, perceptual_hash
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in photos_dir.glob("*.jpg"):
+        (src / p.name).write_bytes(p.read_bytes())
+    coffee = photo("coffee")
+    Image.fromarray(coffee).resize((450, 300)).save(src / "zz_coffee_small.jpg", quality=70)
+    Image.fromarray(coffee).save(src / "zz_coffee.png")
+    hashes = {p.name: perceptual_hash(p.read_bytes()) for p in sorted(src.iterdir())}
+    distinct = [hamming(hashes[a], hashes[b]) for a in hashes for b in hashes
+                if a < b and not {a, b} & {"zz_coffee_small.jpg", "zz_coffee.png", "coffee.jpg"}]
+    assert min(distinct) > 10  # different photos are far apart
+    assert hamming(hashes["coffee.jpg"], hashes["zz_coffee_small.jpg"]) <= 3
+    stats = annotate([src], tmp_path / "o", near_duplicates=3)
+    assert stats["written"] == 6
+    assert stats["filtered_by_reason"] == {"near_duplicate": 2}
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "o" / "filtered.parquet").to_pylist()
+    assert sorted(Path(r["source"]).name for r in rows) == ["zz_coffee.png", "zz_coffee_small.jpg"]
+    assert all("coffee.jpg" in r["message"] for r in rows)
+    off = annotate([src], tmp_path / "off")
+    assert off["written"] == 8  # off by default: only exact duplicates
