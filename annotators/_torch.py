@@ -7,6 +7,7 @@ annotator is first used, not when the registry is listed.
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 
@@ -44,3 +45,42 @@ def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_model(
+    net: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: Sequence[torch.nn.Module] = (),
+) -> torch.nn.Module:
+    """Move ``net`` to ``device`` in evaluation mode with its weights in ``dtype``.
+
+    Reduced precision casts the weights themselves (not autocast over fp32
+    weights): every kernel then reads half the bytes and no cast kernels run
+    between layers, which matters most for the launch-bound token-by-token
+    decoding of captioners. The normalisation kernels (LayerNorm, GroupNorm,
+    BatchNorm) accumulate in fp32 internally whatever their input type.
+    ``channels_last`` lists sub-modules whose 4-D weights are stored NHWC,
+    the layout the tensor-core convolution kernels work in natively.
+    """
+    net = net.to(device=device, dtype=dtype).eval()
+    for module in channels_last:
+        module.to(memory_format=torch.channels_last)
+    return net
+
+
+def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """Run ``module`` in fp32 inside a reduced-precision model.
+
+    Its weights become fp32 and its input is cast up on the way in, so its
+    output is fp32 too (used for the last layer of a depth head, whose values
+    would otherwise be rounded to bf16's 8 significant bits: visible banding
+    after per-image normalisation, and useless 16-bit maps).
+    """
+    module.float()
+    module.register_forward_pre_hook(_inputs_to_fp32)
+    return module
+
+
+def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)

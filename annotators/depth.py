@@ -78,16 +78,22 @@ def normalize_depth(depth: "torch.Tensor", bits: int = 8) -> "torch.Tensor":
     Returns uint8 for 8 bits, int32 holding 0..65535 for 16 bits (torch has
     no general uint16 arithmetic; cast on the host).
     """
+    return _normalize(depth, bits)[0]
+
+
+def _normalize(depth: "torch.Tensor", bits: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """:func:`normalize_depth` and the B x 2 (min, max) range it used."""
     import torch
 
     d = depth.float()
     flat = d.flatten(1)
-    lo = flat.amin(1).view(-1, 1, 1)
-    span = (flat.amax(1).view(-1, 1, 1) - lo)
-    unit = torch.where(span > 0, (d - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    lo, hi = flat.amin(1), flat.amax(1)
+    span = (hi - lo).view(-1, 1, 1)
+    unit = torch.where(span > 0, (d - lo.view(-1, 1, 1)) / torch.where(span > 0, span, 1.0), 0.0)
     top = float((1 << bits) - 1)
     scaled = (unit * top).clamp(0, top)
-    return scaled.to(torch.uint8) if bits == 8 else scaled.to(torch.int32)
+    maps = scaled.to(torch.uint8) if bits == 8 else scaled.to(torch.int32)
+    return maps, torch.stack([lo, hi], 1)
 
 
 def _sobel(depth: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -136,7 +142,7 @@ def resize_map(maps: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
     if tuple(maps.shape[1:3]) == tuple(size):
         return maps
     x = F.interpolate(maps.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 # ----------------------------------------------------------- shared model
@@ -148,28 +154,40 @@ class DepthModel:
     ``predict`` returns the raw predictions (float32, model resolution) of
     each image; when called again with the very same batch (same keys and
     the same array objects) it returns the memo instead of running again.
+
+    Reduced precision (``dtype`` bf16/fp16) casts the weights, except the
+    head's last (1-channel) convolution, which runs in fp32 so that the
+    predicted depth keeps its fine steps. ``channels_last`` (default: on a
+    GPU) stores the convolutional neck and head NHWC; the backbone keeps
+    its layout (BiT's GroupNorm works on contiguous NCHW on the GPU, so
+    NHWC there would add a transpose around every norm).
     """
 
-    def __init__(self, model: str, device: Any, dtype: Any) -> None:
+    def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
+        from annotators._torch import keep_fp32, prepare_model
         from annotators.hf_models import BatchPreprocessor, load_pretrained
 
         self.device, self.dtype = device, dtype
         self.processor = load_pretrained(AutoImageProcessor, model, what="depth image processor")
         self.preprocess = BatchPreprocessor(self.processor)
         net = load_pretrained(AutoModelForDepthEstimation, model, what="depth model")
-        # Weights stay fp32; reduced precision runs under autocast, which keeps
-        # the normalisation layers of the BiT / ConvNeXt backbones in fp32.
-        self.net = net.to(device=device, dtype=torch.float32).eval()
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        nhwc = [m for m in (getattr(net, "neck", None), getattr(net, "head", None)) if m is not None]
+        self.net = prepare_model(net, device, dtype, channels_last=nhwc if channels_last else ())
+        if dtype != torch.float32:
+            convs = [m for m in getattr(net, "head", net).modules() if isinstance(m, torch.nn.Conv2d)]
+            if convs and convs[-1].out_channels == 1:
+                keep_fp32(convs[-1])
         self._lock = threading.Lock()
         self._memo: tuple[tuple, list] | None = None
 
     def predict(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list["torch.Tensor"]:
         import torch
 
-        from annotators._torch import autocast
         from annotators.hf_models import model_batches
 
         ident = (tuple(keys), tuple(id(im) for im in images), tuple(im.shape for im in images))
@@ -178,10 +196,8 @@ class DepthModel:
                 return self._memo[1]
         out: list[torch.Tensor | None] = [None] * len(images)
         with torch.inference_mode():
-            for idx, pixels in model_batches(images, self.preprocess, self.device):
-                with autocast(self.device, self.dtype):
-                    pred = self.net(pixel_values=pixels).predicted_depth
-                pred = pred.float()
+            for idx, pixels in model_batches(images, self.preprocess, self.device, self.dtype):
+                pred = self.net(pixel_values=pixels).predicted_depth.float()
                 for j, i in enumerate(idx):
                     out[i] = pred[j]
         with self._lock:
@@ -257,23 +273,30 @@ class Depth(_MidasBase):
     def annotate_batch(self, images, keys=None):
         import torch
 
+        from annotators.hf_models import fetch
+
         images, preds = self._predict(images, keys)
         out: list[Annotation | None] = [None] * len(images)
-        for (_, size), idx in _stack_predictions(preds, images).items():
-            raw = torch.stack([preds[i] for i in idx])
-            full = upsample_depth(raw, size)
-            maps = normalize_depth(full, self._options["bits"])
-            flat = full.flatten(1)
-            ranges = torch.stack([flat.amin(1), flat.amax(1)], 1).cpu().numpy()
-            maps = maps.cpu().numpy()
-            if self._options["bits"] == 16:
-                maps = maps.astype(np.uint16)
-            for j, i in enumerate(idx):
-                out[i] = Annotation(
-                    members={"depth.png": np.ascontiguousarray(maps[j])},
-                    meta={"depth_min": float(ranges[j, 0]), "depth_max": float(ranges[j, 1])},
-                )
+        with torch.inference_mode():
+            for (_, size), idx in _stack_predictions(preds, images).items():
+                raw = torch.stack([preds[i] for i in idx])
+                maps, ranges = _normalize(upsample_depth(raw, size), self._options["bits"])
+                if self._options["bits"] == 16:
+                    # 2 bytes a pixel over the bus, not 4 (torch >= 2.3 copies into uint16)
+                    maps = maps.to(torch.uint16) if hasattr(torch, "uint16") else maps
+                maps, ranges = fetch(maps, ranges)
+                if maps.dtype != np.uint16 and self._options["bits"] == 16:
+                    maps = maps.astype(np.uint16)
+                self._fill(out, idx, maps, ranges)
         return out
+
+    @staticmethod
+    def _fill(out, idx, maps, ranges) -> None:
+        for j, i in enumerate(idx):
+            out[i] = Annotation(
+                members={"depth.png": np.ascontiguousarray(maps[j])},
+                meta={"depth_min": float(ranges[j, 0]), "depth_max": float(ranges[j, 1])},
+            )
 
 
 @register_annotator
@@ -311,12 +334,15 @@ class Normal(_MidasBase):
     def annotate_batch(self, images, keys=None):
         import torch
 
+        from annotators.hf_models import fetch
+
         images, preds = self._predict(images, keys)
         out: list[Annotation | None] = [None] * len(images)
-        for (_, size), idx in _stack_predictions(preds, images).items():
-            raw = torch.stack([preds[i] for i in idx])
-            maps = normals_from_depth(raw, self._options["a"], self._options["bg_th"])
-            maps = resize_map(maps, size).cpu().numpy()
-            for j, i in enumerate(idx):
-                out[i] = Annotation(members={"normal.png": np.ascontiguousarray(maps[j])})
+        with torch.inference_mode():
+            for (_, size), idx in _stack_predictions(preds, images).items():
+                raw = torch.stack([preds[i] for i in idx])
+                maps = normals_from_depth(raw, self._options["a"], self._options["bg_th"])
+                (maps,) = fetch(resize_map(maps, size))
+                for j, i in enumerate(idx):
+                    out[i] = Annotation(members={"normal.png": np.ascontiguousarray(maps[j])})
         return out

@@ -84,13 +84,38 @@ def logits_to_ids(logits: "torch.Tensor", size: tuple[int, int], chunk: int = 8)
     return torch.cat(parts)
 
 
-class SegModel:
-    """A loaded segmentation model on one device (shared per process)."""
+def class_counts(ids: "torch.Tensor", classes: int) -> "torch.Tensor":
+    """B x H x W class ids -> B x ``classes`` pixel counts (int32).
 
-    def __init__(self, model: str, device: Any, dtype: Any) -> None:
+    One histogram for the whole batch (each image's ids offset into its own
+    range of bins) rather than one per image: on a GPU every ``bincount``
+    waits for the device to size its output.
+    """
+    import torch
+
+    b = ids.shape[0]
+    offset = torch.arange(b, device=ids.device).view(-1, 1) * classes
+    flat = (ids.reshape(b, -1) + offset).reshape(-1)
+    return torch.bincount(flat, minlength=b * classes).view(b, classes).to(torch.int32)
+
+
+class SegModel:
+    """A loaded segmentation model on one device (shared per process).
+
+    Reduced precision (``dtype`` bf16/fp16) casts the weights;
+    ``channels_last`` (default: on a GPU) stores the whole network NHWC,
+    which suits both ConvNeXt (its blocks permute to NHWC for LayerNorm and
+    the MLP, a free view instead of a copy when the input is NHWC) and the
+    UperNet head's large 3x3 convolutions. The auxiliary (training-only)
+    head is dropped: transformers runs it at inference and upsamples its
+    150-class output to the full input size, only for it to be discarded.
+    """
+
+    def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
+        from annotators._torch import prepare_model
         from annotators.hf_models import BatchPreprocessor, load_pretrained
 
         self.device, self.dtype = device, dtype
@@ -109,8 +134,11 @@ class SegModel:
                 f"segmentation model {model!r} has {n} classes; seg needs an ADE20K model "
                 f"({ADE20K_CLASSES} classes) so seg.png uses ControlNet's palette"
             )
-        # fp32 weights whatever the checkpoint holds; reduced precision runs under autocast
-        self.net = net.to(device=device, dtype=torch.float32).eval()
+        if getattr(net, "auxiliary_head", None) is not None:
+            net.auxiliary_head = None
+        if channels_last is None:
+            channels_last = device.type == "cuda"
+        self.net = prepare_model(net, device, dtype, channels_last=[net] if channels_last else ())
         id2label = getattr(net.config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
         self.palette = torch.from_numpy(ade20k_palette()).to(device)
@@ -169,17 +197,15 @@ class Seg(Annotator):
     def annotate_batch(self, images, keys=None):
         import torch
 
-        from annotators._torch import autocast
-        from annotators.hf_models import model_batches
+        from annotators.hf_models import fetch, model_batches
 
         self.setup()
         m = self._model
         images = [check_image(im) for im in images]
         out: list[Annotation | None] = [None] * len(images)
         with torch.inference_mode():
-            for idx, pixels in model_batches(images, m.preprocess, m.device):
-                with autocast(m.device, m.dtype):
-                    logits = m.net(pixel_values=pixels).logits
+            for idx, pixels in model_batches(images, m.preprocess, m.device, m.dtype):
+                logits = m.net(pixel_values=pixels).logits
                 # images of one model batch may still differ in size
                 by_size: dict[tuple[int, int], list[int]] = {}
                 for j, i in enumerate(idx):
@@ -188,12 +214,9 @@ class Seg(Annotator):
                     sel = logits if len(js) == len(idx) else logits[js]
                     ids = logits_to_ids(sel, size)
                     colour = m.palette[ids]
-                    counts = torch.stack(
-                        [torch.bincount(row.flatten(), minlength=len(m.labels)) for row in ids]
+                    ids_np, colour_np, counts_np = fetch(
+                        ids.to(torch.uint8), colour, class_counts(ids, len(m.labels))  # 150 classes fit
                     )
-                    ids_np = ids.to(torch.uint8).cpu().numpy()  # 150 classes fit
-                    colour_np = colour.cpu().numpy()
-                    counts_np = counts.cpu().numpy()
                     for k, j in enumerate(js):
                         out[idx[j]] = Annotation(
                             members={

@@ -409,3 +409,130 @@ def test_bf16_on_gpu_close_to_fp32(models, images):
     seg16 = create_annotator("seg", model=models["upernet"], device="cuda", precision="bf16")
     for a, b in zip(seg32.annotate_batch(images, KEYS), seg16.annotate_batch(images, KEYS)):
         assert (a.members["seg_ids.png"] == b.members["seg_ids.png"]).mean() > 0.9
+    # fused ViT attention and bf16 weights on the GPU: captions as in fp32 but for near ties
+    cap32 = create_annotator("caption", model=models["blip"], device="cuda", precision="fp32", **CAPTION)
+    cap16 = create_annotator("caption", model=models["blip"], device="cuda", precision="bf16", **CAPTION)
+    t32 = [a.members["txt"] for a in cap32.annotate_batch(images, KEYS)]
+    t16 = [a.members["txt"] for a in cap16.annotate_batch(images, KEYS)]
+    assert all(t16) and sum(a == b for a, b in zip(t32, t16)) >= 2
+
+
+# -------------------------------------------------- reduced precision, layout
+
+
+def _depth_maps(annotator, images):
+    return [a.members["depth.png"].astype(int) for a in annotator.annotate_batch(images, KEYS)]
+
+
+def test_bf16_weights_close_to_fp32_on_cpu(models, images):
+    """bf16 casts the weights (no autocast); the maps stay close to fp32."""
+    from annotators.depth import _depth_model
+
+    model = _depth_model(models["dpt"], "cpu", "bf16")
+    dtypes = {p.dtype for p in model.net.parameters()}
+    assert dtypes == {torch.bfloat16, torch.float32}
+    head_convs = [m for m in model.net.head.modules() if isinstance(m, torch.nn.Conv2d)]
+    # only the 1-channel output convolution stays fp32, so the depth keeps its fine steps
+    assert [c.weight.dtype for c in head_convs][-1] == torch.float32
+    assert all(c.weight.dtype == torch.bfloat16 for c in head_convs[:-1])
+
+    fp32 = create_annotator("depth", model=models["dpt"], device="cpu", precision="fp32")
+    bf16 = create_annotator("depth", model=models["dpt"], device="cpu", precision="bf16")
+    for a, b in zip(_depth_maps(fp32, images), _depth_maps(bf16, images)):
+        diff = np.abs(a - b)
+        assert diff.max() <= 12 and (diff <= 2).mean() > 0.75
+    # the output is not rounded to bf16: the 16-bit map has far more levels than bf16 could give
+    d16 = create_annotator("depth", model=models["dpt"], device="cpu", precision="bf16", bits=16)
+    assert len(np.unique(d16(images[0], "x").members["depth.png"])) > 2000
+
+    n32 = create_annotator("normal", model=models["dpt"], device="cpu", precision="fp32")
+    n16 = create_annotator("normal", model=models["dpt"], device="cpu", precision="bf16")
+    for a, b in zip(n32.annotate_batch(images, KEYS), n16.annotate_batch(images, KEYS)):
+        diff = np.abs(a.members["normal.png"].astype(int) - b.members["normal.png"].astype(int))
+        assert diff.max() <= 16 and (diff <= 4).mean() > 0.99
+
+    s32 = create_annotator("seg", model=models["upernet"], device="cpu", precision="fp32")
+    s16 = create_annotator("seg", model=models["upernet"], device="cpu", precision="bf16")
+    s16.setup()
+    assert {p.dtype for p in s16._model.net.parameters()} == {torch.bfloat16}
+    for a, b in zip(s32.annotate_batch(images, KEYS), s16.annotate_batch(images, KEYS)):
+        assert (a.members["seg_ids.png"] == b.members["seg_ids.png"]).mean() > 0.97
+
+    c32 = create_annotator("caption", model=models["blip"], device="cpu", precision="fp32", **CAPTION)
+    c16 = create_annotator("caption", model=models["blip"], device="cpu", precision="bf16", **CAPTION)
+    c16.setup()
+    assert {p.dtype for p in c16._model.net.parameters()} == {torch.bfloat16}
+    t32 = [a.members["txt"] for a in c32.annotate_batch(images, KEYS)]
+    t16 = [a.members["txt"] for a in c16.annotate_batch(images, KEYS)]
+    # a beam may flip on a near tie; most captions must agree exactly
+    assert sum(a == b for a, b in zip(t32, t16)) >= 2
+
+
+def test_channels_last_layout_gives_the_same_maps(models, images):
+    """The GPU layout (NHWC convolutions), forced on the CPU, changes nothing."""
+    from annotators.depth import DepthModel
+    from annotators.seg import SegModel
+
+    cpu = torch.device("cpu")
+    plain = DepthModel(models["dpt"], cpu, torch.float32, channels_last=False)
+    nhwc = DepthModel(models["dpt"], cpu, torch.float32, channels_last=True)
+    assert nhwc.net.head.head[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(plain.predict(images, KEYS), nhwc.predict(images, KEYS)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    plain = SegModel(models["upernet"], cpu, torch.float32, channels_last=False)
+    nhwc = SegModel(models["upernet"], cpu, torch.float32, channels_last=True)
+    assert nhwc.net.auxiliary_head is None  # training-only head dropped
+    pixels = hf_models.model_batches(images[:1], plain.preprocess, cpu)[0][1]
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            plain.net(pixel_values=pixels).logits,
+            nhwc.net(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits,
+            rtol=1e-4, atol=1e-4,
+        )
+
+
+def test_fused_vision_attention_equals_eager(models, images):
+    from annotators.caption import CaptionModel, fuse_vision_attention
+
+    cpu = torch.device("cpu")
+    eager = CaptionModel(models["blip"], cpu, torch.float32, fused=False)
+    fused = CaptionModel(models["blip"], cpu, torch.float32, fused=True)
+    layers = len(fused.net.vision_model.encoder.layers)
+    assert fuse_vision_attention(eager.net.text_decoder) == 0  # only BLIP's ViT attention qualifies
+    pixels = hf_models.model_batches(images, eager.preprocess, cpu)[0][1]
+    with torch.inference_mode():
+        a = eager.net.vision_model(pixel_values=pixels).last_hidden_state
+        b = fused.net.vision_model(pixel_values=pixels).last_hidden_state
+    assert layers >= 2
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and captions through the fused encoder are transformers' own
+    cap = create_annotator("caption", model=models["blip"], device="cpu", **CAPTION)
+    cap.setup()
+    cap._model = fused
+    for image, ann in zip(images, cap.annotate_batch(images, KEYS)):
+        assert ann.members["txt"] == _reference_caption(models["blip"], image, "")
+
+
+def test_fetch_packs_one_copy():
+    a = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    b = torch.randn(5, 3)
+    c = torch.arange(6, dtype=torch.int64).reshape(2, 3).t()  # not contiguous
+    d = torch.empty(0, 4)
+    ra, rb, rc, rd = hf_models.fetch(a, b, c, d)
+    np.testing.assert_array_equal(ra, a.numpy())
+    np.testing.assert_array_equal(rb, b.numpy())
+    np.testing.assert_array_equal(rc, c.numpy())
+    assert rd.shape == (0, 4) and rb.dtype == np.float32 and rc.dtype == np.int64
+    assert all(r.ctypes.data % r.dtype.itemsize == 0 for r in (ra, rb, rc))
+
+
+def test_class_counts_match_per_image_bincount():
+    from annotators.seg import class_counts
+
+    ids = torch.randint(0, 150, (4, 17, 23), generator=torch.Generator().manual_seed(0))
+    ids[2] = 149  # one class covering a whole image
+    counts = class_counts(ids, 150)
+    assert counts.shape == (4, 150) and counts.dtype == torch.int32
+    for row, c in zip(ids, counts):
+        torch.testing.assert_close(c, torch.bincount(row.flatten(), minlength=150).to(torch.int32))
