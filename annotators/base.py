@@ -90,6 +90,11 @@ class Annotator:
     def setup(self) -> None:
         """Load models or other expensive state. Safe to call more than once."""
 
+    def preflight(self) -> None:
+        """Cheap checks before a run starts (e.g. that weight files exist), so
+        a missing file fails in one line before any data is read. Raises
+        :class:`MissingWeightsError`; loads nothing."""
+
     def annotate_batch(
         self, images: Sequence[np.ndarray], keys: Sequence[str] | None = None
     ) -> list[Annotation]:

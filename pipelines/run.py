@@ -32,6 +32,7 @@ def describe_annotators(opts: AnnotateOptions) -> dict[str, dict]:
             annotator = create_annotator(name, **options)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
+        annotator.preflight()
         out[name] = annotator.describe()
     return out
 
