@@ -234,6 +234,11 @@ class Caption(Annotator):
         """:func:`choose_caption` with this annotator's policy."""
         return choose_caption(existing, generated, self.policy)
 
+    def preflight(self) -> None:
+        from annotators.hf_models import preflight_pretrained, resolve_model_name
+
+        preflight_pretrained(resolve_model_name(self._options["model"], CAPTION_MODELS), what="caption model")
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

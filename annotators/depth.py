@@ -229,6 +229,11 @@ class _MidasBase(Annotator):
     uses_gpu = True
     default_batch_size = 32
 
+    def preflight(self) -> None:
+        from annotators.hf_models import preflight_pretrained, resolve_model_name
+
+        preflight_pretrained(resolve_model_name(self._options["model"], DEPTH_MODELS), what="depth model")
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

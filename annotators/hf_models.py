@@ -150,6 +150,33 @@ def load_pretrained(
     ) from cached_error
 
 
+def preflight_pretrained(model: str, *, what: str) -> None:
+    """Fail early, without loading anything, when ``model`` cannot be found:
+    a local folder without ``config.json``, or (offline) a repo id that is not
+    in the cache. Online, a repo id not cached is left to ``load_pretrained``,
+    which may download it."""
+    if is_local_reference(model):
+        folder = os.path.abspath(os.path.expanduser(model))
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise MissingWeightsError(
+                f"{what}: local model folder {folder} has no config.json (missing or incomplete). "
+                f"Pass a folder written by save_pretrained, or a Hub repo id such as the default."
+            )
+        return
+    if not hub_offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = hub_cache_dir()
+    if not isinstance(try_to_load_from_cache(model, "config.json", cache_dir=cache_dir), str):
+        raise MissingWeightsError(
+            f"{what}: Hub repo {model!r} is not in the Hugging Face cache {cache_dir} and "
+            f"HF_HUB_OFFLINE=1, so the Hub will not be asked. Get it with `huggingface-cli download "
+            f"{model}` (on a machine with access, then copy the cache or set HF_HUB_CACHE), or pass "
+            f"a local model folder as the model option."
+        )
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()

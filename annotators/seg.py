@@ -189,6 +189,11 @@ class Seg(Annotator):
             model=str(model), device=device, precision=precision, min_fraction=float(min_fraction)
         )
 
+    def preflight(self) -> None:
+        from annotators.hf_models import preflight_pretrained, resolve_model_name
+
+        preflight_pretrained(resolve_model_name(self._options["model"], SEG_MODELS), what="segmentation model")
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

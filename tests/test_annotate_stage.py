@@ -183,3 +183,17 @@ def test_near_duplicates_by_perceptual_hash(photos_dir, tmp_path):
     assert all("coffee.jpg" in r["message"] for r in rows)
     off = annotate([src], tmp_path / "off")
     assert off["written"] == 8  # off by default: only exact duplicates
+
+
+def test_missing_models_fail_before_any_work(photos_dir, tmp_path, monkeypatch):
+    from annotators import MissingWeightsError
+    from schemas.errors import UsageError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for name, options in (("depth", {"model": str(tmp_path / "nowhere")}), ("caption", {})):
+        with pytest.raises(MissingWeightsError) as err:
+            annotate([photos_dir], tmp_path / name, annotators=((name, options),))
+        assert isinstance(err.value, UsageError)
+        assert not (tmp_path / name / "stats.json").exists()
+    assert "HF_HUB_OFFLINE=1" in str(err.value) and "Salesforce/blip-image-captioning-large" in str(err.value)
