@@ -25,7 +25,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -325,27 +325,113 @@ def images_to_device(images: Sequence[np.ndarray], device) -> "Any":
     """Stack uint8 HxWx3 images into an (N, 3, H, W) uint8 tensor on ``device``.
 
     The copy to the device is uint8 (4x less traffic than float); the
-    conversion to float happens there.
+    conversion to float happens there. On CUDA the images are written once
+    into a page-locked buffer and uploaded asynchronously on a separate copy
+    stream, so the upload of one chunk overlaps the computation of the
+    previous one; the current stream waits for the copy before using it.
     """
     import torch
 
-    if device is None or torch.device(device).type != "cuda":
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda":
         return torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2)
-    # One copy into a reused page-locked buffer, then an asynchronous upload.
-    # Reuse is safe: every caller reads results back to the host (a sync)
-    # before the next batch is staged.
-    shape = (len(images), *images[0].shape)
-    buf = _PINNED.get(shape)
-    if buf is None:
-        _PINNED.clear()
-        buf = _PINNED[shape] = torch.empty(shape, dtype=torch.uint8).pin_memory()
-    staging = buf.numpy()
+    # From the caching host allocator: a block is handed out again only after
+    # the copies recorded on it have finished, so no manual ring is needed.
+    host = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
+    staging = host.numpy()
     for i, image in enumerate(images):
         staging[i] = image
-    return buf.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    compute = torch.cuda.current_stream(device)
+    copy = _copy_stream(device)
+    with torch.cuda.stream(copy):
+        dev = host.to(device, non_blocking=True)
+    compute.wait_stream(copy)
+    # the block was allocated on the copy stream but is used (and freed) on
+    # the compute stream: keep it from being reused before that work is done
+    dev.record_stream(compute)
+    return dev.permute(0, 3, 1, 2)
 
 
-_PINNED: dict[tuple[int, ...], Any] = {}
+_COPY_STREAMS: dict[str, Any] = {}
+
+
+def _copy_stream(device) -> "Any":
+    import torch
+
+    key = str(device)
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[key]
+
+
+class HostCopy:
+    """Device tensors on their way to the host.
+
+    On CUDA each tensor is copied with ``non_blocking=True`` into a
+    page-locked buffer and one event is recorded after the copies, so the
+    host can go on queueing work; :meth:`arrays` waits on that event only.
+    On the CPU the tensors are used as they are.
+    """
+
+    def __init__(self, tensors: dict[str, "Any"], device) -> None:
+        import torch
+
+        self.event = None
+        if torch.device(device).type == "cuda":
+            self.tensors = {}
+            for k, v in tensors.items():
+                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                buf.copy_(v, non_blocking=True)
+                self.tensors[k] = buf
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(device))
+        else:
+            self.tensors = {k: v.contiguous() for k, v in tensors.items()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Numpy copies of the tensors (waits for their copies on CUDA).
+
+        The page-locked buffers go back to the allocator afterwards, so the
+        returned arrays own their memory.
+        """
+        if self.event is not None:
+            self.event.synchronize()
+            out = {k: v.numpy().copy() for k, v in self.tensors.items()}
+        else:
+            out = {k: v.numpy() for k, v in self.tensors.items()}
+        self.tensors = {}
+        return out
+
+
+def chunk_size(option: int | None, n: int, device) -> int:
+    """Images per pipeline chunk: ``option`` when given; on CUDA a quarter of
+    the batch (at least 8) so that host and device work overlap; on the CPU
+    the whole batch (nothing to overlap with)."""
+    import torch
+
+    if option is not None:
+        return max(1, int(option))
+    if torch.device(device).type == "cuda":
+        return max(8, -(-n // 4))
+    return max(1, n)
+
+
+def pipelined(
+    n: int, chunk: int, launch: Callable[[int, int], Any], finish: Callable[[Any], None], depth: int = 2
+) -> None:
+    """Run ``launch(start, stop)`` (queue the device work of one chunk and
+    return a handle) and ``finish(handle)`` (the host work of that chunk) over
+    ``range(n)`` in chunks, keeping up to ``depth`` chunks in flight: the host
+    finishes chunk k while the device computes chunks k+1..k+depth."""
+    from collections import deque
+
+    pending: deque = deque()
+    for start in range(0, n, chunk):
+        pending.append(launch(start, min(n, start + chunk)))
+        if len(pending) > depth:
+            finish(pending.popleft())
+    while pending:
+        finish(pending.popleft())
 
 
 def resize_batch(x: "Any", size: tuple[int, int]) -> "Any":
