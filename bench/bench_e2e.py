@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 ANNOTATORS = ("canny", "hough", "mlsd", "hed", "openpose", "depth", "normal", "seg", "caption")
 
 
-def build_models(folder: Path, tiny: bool) -> dict[str, dict]:
+def build_models(folder: Path, tiny: bool, beams: int = 3) -> dict[str, dict]:
     """Options per annotator pointing at random weights of the real networks."""
     from bench_hf_annotators import build_blip_large, build_dpt_hybrid, build_upernet_convnext_small
     from bench_neural_annotators import save_random_weights
@@ -50,7 +50,7 @@ def build_models(folder: Path, tiny: bool) -> dict[str, dict]:
         "mlsd": {"weights": str(weights)}, "hed": {"weights": str(weights)},
         "openpose": {"weights": str(weights)},
         "depth": {"model": dpt}, "normal": {"model": dpt}, "seg": {"model": seg},
-        "caption": {"model": blip, "max_new_tokens": 20, "min_new_tokens": 20},
+        "caption": {"model": blip, "max_new_tokens": 20, "min_new_tokens": 20, "num_beams": beams},
         "_nets": nets,
     }
 
@@ -118,7 +118,8 @@ def reference_chain(models: dict, images: list[np.ndarray], device: str) -> floa
         "depth": reference_runner("depth", models["depth"]["model"], device, {}),
         "seg": reference_runner("seg", models["seg"]["model"], device, {}),
         "caption": reference_runner("caption", models["caption"]["model"], device,
-                                    {"max_new_tokens": 20, "min_new_tokens": 20, "num_beams": 3}),
+                                    {"max_new_tokens": 20, "min_new_tokens": 20,
+                                     "num_beams": models["caption"]["num_beams"]}),
     }
 
     def one(img):
@@ -128,7 +129,7 @@ def reference_chain(models: dict, images: list[np.ndarray], device: str) -> floa
         dets["mlsd"](img, detect_resolution=h, image_resolution=h)
         dets["openpose"](img, detect_resolution=h, image_resolution=h)
         for r in runners.values():
-            r(img)
+            r([img])
 
     one(images[0])  # warm-up
     if device.startswith("cuda"):
@@ -150,6 +151,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=4, help="DirectRunner threads when --gpus is 0")
     ap.add_argument("--reference-images", type=int, default=8)
     ap.add_argument("--annotators", default=",".join(ANNOTATORS))
+    ap.add_argument("--caption-beams", type=int, default=3, help="BLIP beam width (the annotator's default: 3)")
+    ap.add_argument("--processes", type=int, default=0,
+                    help="one GPU: N worker processes, each with its own models, instead of threads")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     args = ap.parse_args(argv)
@@ -164,7 +168,7 @@ def main(argv=None) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.keep or tempfile.mkdtemp(prefix="controlset-e2e-"))
     t0 = time.perf_counter()
-    models = build_models(work / "models", tiny=args.smoke)
+    models = build_models(work / "models", tiny=args.smoke, beams=args.caption_beams)
     write_inputs(work / "in", args.images, args.side)
     setup_s = time.perf_counter() - t0
     names = [n for n in args.annotators.split(",") if n]
@@ -173,7 +177,12 @@ def main(argv=None) -> dict:
         annotators=tuple((n, models[n]) for n in names),
         resolution=args.resolution, shard_size=500, gpus=args.gpus, min_size=min(256, args.side),
     )
-    beam_args = [] if args.gpus else ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
+    if args.gpus:
+        beam_args = []
+    elif args.processes:
+        beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
+    else:
+        beam_args = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)
@@ -181,9 +190,17 @@ def main(argv=None) -> dict:
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
     total_ms = sum(ms.values()) or 1
+    partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
+               "written": stats["written"], "failed": stats["failed"], "beam_args": beam_args,
+               "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "gpu": gpu.summary()}
+    print("pipeline:", json.dumps(partial), flush=True)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
-    ref_rate = reference_chain(models, [np.ascontiguousarray(i) for i in ref_images], device)
+    try:
+        ref_rate = reference_chain(models, [np.ascontiguousarray(i) for i in ref_images], device)
+    except Exception as exc:  # report the pipeline figures even if a reference fails
+        print(f"reference chain failed: {type(exc).__name__}: {exc}", flush=True)
+        ref_rate = float("nan")
     summary = {
         "benchmark": "end_to_end_all_annotators",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -193,6 +210,8 @@ def main(argv=None) -> dict:
         "weights": "seeded random, real architectures" + (" (tiny configs)" if args.smoke else ""),
         "annotators": names,
         "images": args.images,
+        "beam_args": beam_args,
+        "caption_beams": args.caption_beams,
         "resolution": args.resolution,
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
         "pipeline_seconds": round(wall, 2),
