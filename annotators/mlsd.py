@@ -79,8 +79,6 @@ class MLSD(Annotator):
         detect_resolution: shorter side the network sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size (rounded to
             multiples of 64 when it is not one already).
-        chunk_size: images per pipeline chunk (outputs do not depend on it);
-            None = a quarter of the batch on CUDA, the whole batch on the CPU.
     """
 
     name = "mlsd"
@@ -97,11 +95,8 @@ class MLSD(Annotator):
         thr_v: float = 0.1,
         thr_d: float = 0.1,
         detect_resolution: int | None = None,
-        chunk_size: int | None = None,
     ) -> None:
         W.check_precision_name(precision)
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError("mlsd chunk_size must be >= 1")
         if thr_v < 0 or thr_d < 0:
             raise ValueError("mlsd thr_v and thr_d must be >= 0")
         if detect_resolution is not None and int(detect_resolution) < 64:
@@ -113,7 +108,6 @@ class MLSD(Annotator):
             thr_v=float(thr_v),
             thr_d=float(thr_d),
             detect_resolution=None if detect_resolution is None else int(detect_resolution),
-            chunk_size=None if chunk_size is None else int(chunk_size),
         )
         self._net = None
 
@@ -151,9 +145,9 @@ class MLSD(Annotator):
             x = x / 127.5 - 1.0
             return self._net(W.to_input(x, self._device, self._dtype))
 
-    def segments_on_device(self, batch_u8: Any) -> tuple[Any, Any, tuple[int, int]]:
-        """(lines (N, K, 4), keep (N, K)) on the device in detection pixels,
-        and the detection size; queues work without waiting for it."""
+    def segments(self, batch_u8: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """(lines (N, K, 4), keep (N, K)) on the host in detection pixels, and
+        the detection size."""
         import torch
 
         h, w = batch_u8.shape[-2:]
@@ -161,37 +155,19 @@ class MLSD(Annotator):
         with torch.inference_mode():
             x = W.resize_batch(batch_u8.float(), dsize)
             lines, keep = decode_lines(self.forward(x), self._options["thr_v"], self._options["thr_d"])
-            return lines, keep, dsize
-
-    def segments(self, batch_u8: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-        """(lines (N, K, 4), keep (N, K)) on the host in detection pixels, and
-        the detection size."""
-        lines, keep, dsize = self.segments_on_device(batch_u8)
-        return lines.cpu().numpy(), keep.cpu().numpy(), dsize
+            return lines.cpu().numpy(), keep.cpu().numpy(), dsize
 
     def annotate_batch(self, images, keys=None):
         self.setup()
         images = [check_image(im) for im in images]
         results: list[Annotation | None] = [None] * len(images)
         for (h, w), idx in W.group_by_shape(images).items():
-
-            def launch(a: int, b: int, idx=idx):
-                ids = idx[a:b]
-                lines, keep, dsize = self.segments_on_device(
-                    W.images_to_device([images[i] for i in ids], self._device)
-                )
-                return ids, W.HostCopy({"lines": lines, "keep": keep}, self._device), dsize
-
-            def finish(handle, h=h, w=w) -> None:
-                ids, copy, dsize = handle
-                arrays = copy.arrays()
-                lines, keep = arrays["lines"], arrays["keep"]
-                for j, i in enumerate(ids):
-                    seg = lines[j][keep[j]]
-                    canvas = draw_segments(dsize, seg)
-                    if dsize != (h, w):
-                        canvas = cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
-                    results[i] = Annotation(members={"mlsd.png": canvas}, meta={"lines": int(len(seg))})
-
-            W.pipelined(len(idx), W.chunk_size(self._options["chunk_size"], len(idx), self._device), launch, finish)
+            batch = W.images_to_device([images[i] for i in idx], self._device)
+            lines, keep, dsize = self.segments(batch)
+            for j, i in enumerate(idx):
+                seg = lines[j][keep[j]]
+                canvas = draw_segments(dsize, seg)
+                if dsize != (h, w):
+                    canvas = cv2.resize(canvas, (w, h), interpolation=cv2.INTER_LINEAR)
+                results[i] = Annotation(members={"mlsd.png": canvas}, meta={"lines": int(len(seg))})
         return results  # type: ignore[return-value]

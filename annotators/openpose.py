@@ -8,9 +8,7 @@ heatmaps are brought to image resolution, blurred and searched for peaks on
 the device. Every resize in the reference (OpenCV INTER_AREA / LANCZOS4,
 cropping the stride padding, scipy's Gaussian) is linear and separable, so
 each axis collapses into one precomputed matrix and the whole chain becomes
-two batched matrix products. Peaks go into a fixed-size list on the device,
-so a chunk's results reach the host without stalling the device, which
-meanwhile computes the next chunks. Part-affinity fields stay at network resolution;
+two batched matrix products. Part-affinity fields stay at network resolution;
 the association step evaluates them only where it needs them (ten points per
 candidate limb), vectorised over every candidate pair with numpy. Only the
 greedy matching — a few dozen steps per image — is a Python loop.
@@ -219,102 +217,35 @@ def body_input(batch_rgb: Any, geo: BodyGeometry) -> Any:
     return x / 256.0 - 0.5
 
 
-#: Threshold as the float32 comparison sees it: ``v > 0.1`` <=> ``v >= THR_UP``.
-THR_UP = float(np.nextafter(np.float32(PEAK_THRESHOLD), np.float32(np.inf)))
-#: Room for peaks per (image, part) in the fixed-size peak list of a chunk;
-#: a chunk with more falls back to an exact (synchronising) search.
-PEAKS_PER_MAP = 8
-
-
-def peak_mask(blurred: Any) -> Any:
-    """(N, C, H, W) bool: pixels that are >= their four neighbours and above
-    the threshold. Outside the map the reference pads with zeros; max-pooling
-    pads with -inf, which gives the same answer for values above the
-    (positive) threshold."""
-    import torch
-    import torch.nn.functional as F
-
-    v = F.max_pool2d(blurred, (3, 1), stride=1, padding=(1, 0))
-    torch.maximum(v, F.max_pool2d(blurred, (1, 3), stride=1, padding=(0, 1)), out=v)
-    v.clamp_(min=THR_UP)
-    return blurred >= v
-
-
-def _peak_rows(x: Any, idx: Any, m: dict[str, Any], start: int) -> Any:
-    """(P, 5) float64 rows (image, part, y, x, score) for peak indices ``idx``
-    (rows of -1 are kept as they are, their score is meaningless)."""
-    import torch
-
-    n, part, y, xx = idx.clamp(min=0).unbind(1)
-    score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[n, part], m["map_x"][xx])
-    idx = idx.double()
-    idx[:, 0] += start
-    return torch.cat([idx, score.double()[:, None]], dim=1)
-
-
-def _nonzero_fixed(mask: Any, size: int) -> Any:
-    """The first ``size`` indices of ``mask`` (nonzero's order), padded with
-    -1, without waiting for the device."""
-    import torch
-
-    try:
-        return torch.nonzero_static(mask, size=size, fill_value=-1)
-    except (AttributeError, NotImplementedError, RuntimeError):
-        idx = mask.nonzero()[:size]  # older torch: correct, but synchronises
-        pad = idx.new_full((size - idx.shape[0], idx.shape[1]), -1)
-        return torch.cat([idx, pad])
-
-
-def find_peaks_on_device(heat: Any, geo: BodyGeometry, chunk: int = 16) -> tuple[Any, Any, int]:
-    """Queue the peak search of a batch without a host sync.
-
-    Returns ``rows`` (S * cap, 5) float64 on the device (S sub-batches of at
-    most ``chunk`` images, ``cap`` rows each, valid rows first),
-    ``counts`` (S,) int64 (the true number of peaks per sub-batch, which may
-    exceed ``cap``) and ``cap``. :func:`collect_peaks` turns them into
-    :func:`find_peaks`'s array.
-    """
-    import torch
-
-    m = geo.on(heat.device)
-    heat = heat[:, :18].float()
-    cap = chunk * 18 * PEAKS_PER_MAP
-    rows, counts = [], []
-    for start in range(0, heat.shape[0], chunk):
-        x = heat[start : start + chunk]
-        mask = peak_mask(m["blur_y"] @ (x @ m["blur_x"].T))
-        counts.append(mask.sum().reshape(1))
-        rows.append(_peak_rows(x, _nonzero_fixed(mask, cap), m, start))
-    return torch.cat(rows), torch.cat(counts), cap
-
-
-def collect_peaks(rows: np.ndarray, counts: np.ndarray, cap: int) -> np.ndarray | None:
-    """:func:`find_peaks`'s (P, 5) array from :func:`find_peaks_on_device`'s
-    outputs on the host, or None when a sub-batch overflowed its room."""
-    if (counts > cap).any():
-        return None
-    pieces = [rows[s * cap : s * cap + int(c)] for s, c in enumerate(counts)]
-    return np.concatenate(pieces) if pieces else np.zeros((0, 5), dtype=np.float64)
-
-
 def find_peaks(heat: Any, geo: BodyGeometry, chunk: int = 16) -> Any:
     """Peaks of the 18 part heatmaps for a batch, on the device.
 
     ``heat``: (N, >=18, oh, ow) network heatmaps. Returns a float64 host array
     (P, 5) of (image, part, y, x, score) in image-major, part, row-major order
     (the reference's order), score being the un-blurred heatmap value.
-    Exact for any number of peaks (synchronises with the device).
     """
     import torch
+    import torch.nn.functional as F
 
     m = geo.on(heat.device)
     heat = heat[:, :18].float()
     found = []
     for start in range(0, heat.shape[0], chunk):
         x = heat[start : start + chunk]
-        idx = peak_mask(m["blur_y"] @ (x @ m["blur_x"].T)).nonzero()
+        b = m["blur_y"] @ (x @ m["blur_x"].T)
+        p = F.pad(b, (1, 1, 1, 1))  # zeros outside, as the reference's shifted copies
+        c = p[..., 1:-1, 1:-1]
+        is_peak = (
+            (c >= p[..., :-2, 1:-1]) & (c >= p[..., 2:, 1:-1])
+            & (c >= p[..., 1:-1, :-2]) & (c >= p[..., 1:-1, 2:]) & (c > PEAK_THRESHOLD)
+        )  # fmt: skip
+        idx = is_peak.nonzero()
         if idx.shape[0]:
-            found.append(_peak_rows(x, idx, m, start))
+            n, part, y, xx = idx.unbind(1)
+            score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[n, part], m["map_x"][xx])
+            idx = idx.clone()
+            idx[:, 0] += start
+            found.append(torch.cat([idx.double(), score.double()[:, None]], dim=1))
     if not found:
         return np.zeros((0, 5), dtype=np.float64)
     return torch.cat(found).cpu().numpy()
@@ -564,8 +495,6 @@ class OpenPose(Annotator):
         hands, face: also detect and draw hands / face (ControlNet "openpose_full").
         detect_resolution: shorter side the detector sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size.
-        chunk_size: images per pipeline chunk (outputs do not depend on it);
-            None = a quarter of the batch on CUDA, the whole batch on the CPU.
     """
 
     name = "openpose"
@@ -582,13 +511,10 @@ class OpenPose(Annotator):
         hands: bool = False,
         face: bool = False,
         detect_resolution: int | None = None,
-        chunk_size: int | None = None,
     ) -> None:
         W.check_precision_name(precision)
         if detect_resolution is not None and int(detect_resolution) < 64:
             raise ValueError("openpose detect_resolution must be >= 64")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError("openpose chunk_size must be >= 1")
         super().__init__(
             weights=None if weights is None else str(weights),
             device=device,
@@ -596,7 +522,6 @@ class OpenPose(Annotator):
             hands=bool(hands),
             face=bool(face),
             detect_resolution=None if detect_resolution is None else int(detect_resolution),
-            chunk_size=None if chunk_size is None else int(chunk_size),
         )
         self._body = None
         self._geometry: dict[tuple[int, int], BodyGeometry] = {}
@@ -662,10 +587,8 @@ class OpenPose(Annotator):
             paf, heat = self._body(W.to_input(x, self._device, self._dtype))
             return paf, heat
 
-    def launch_bodies(self, batch_u8: Any) -> dict[str, Any]:
-        """Queue the body pass of an (N, 3, H, W) uint8 RGB batch (network,
-        peak search, copies to the host) without waiting for the device; pass
-        the handle to :meth:`finish_bodies`."""
+    def detect_bodies(self, batch_u8: Any) -> tuple[list[list[dict]], tuple[int, int]]:
+        """People per image (detection pixels) for an (N, 3, H, W) uint8 RGB batch."""
         import torch
 
         h, w = batch_u8.shape[-2:]
@@ -674,34 +597,14 @@ class OpenPose(Annotator):
         with torch.inference_mode():
             x = W.resize_batch(batch_u8.float(), dsize)
             paf, heat = self.forward(body_input(x, geo))
-            rows, counts, cap = find_peaks_on_device(heat, geo)
-            copy = W.HostCopy({"rows": rows, "counts": counts, "paf": paf.float()}, self._device)
-        # heat stays referenced for the exact fall-back on overflow
-        return {"copy": copy, "heat": heat, "cap": cap, "geo": geo, "dsize": dsize, "n": batch_u8.shape[0]}
-
-    def finish_bodies(self, handle: dict[str, Any]) -> tuple[list[list[dict]], tuple[int, int]]:
-        """People per image (detection pixels) from :meth:`launch_bodies`."""
-        import torch
-
-        arrays = handle["copy"].arrays()
-        geo = handle["geo"]
-        peaks = collect_peaks(arrays["rows"], arrays["counts"], handle["cap"])
-        if peaks is None:  # more peaks than the fixed list holds: exact search
-            with torch.inference_mode():
-                peaks = find_peaks(handle["heat"], geo)
-        handle["heat"] = None
-        paf = arrays["paf"]
-        image = peaks[:, 0].astype(np.int64)
+            peaks = find_peaks(heat, geo)  # one host sync for the whole batch
+            paf = paf.float().cpu().numpy()
         out = []
-        for n in range(handle["n"]):
-            mine = peaks[image == n][:, 1:]
+        for n in range(batch_u8.shape[0]):
+            mine = peaks[peaks[:, 0] == n][:, 1:]
             candidate, subset = associate(mine, paf[n], geo)
             out.append(people_from(candidate, subset))
-        return out, handle["dsize"]
-
-    def detect_bodies(self, batch_u8: Any) -> tuple[list[list[dict]], tuple[int, int]]:
-        """People per image (detection pixels) for an (N, 3, H, W) uint8 RGB batch."""
-        return self.finish_bodies(self.launch_bodies(batch_u8))
+        return out, dsize
 
     # -- hands and face --------------------------------------------------------
 
@@ -872,44 +775,32 @@ class OpenPose(Annotator):
         images = [check_image(im) for im in images]
         results: list[Annotation | None] = [None] * len(images)
         for (h, w), idx in W.group_by_shape(images).items():
-
-            def launch(a: int, b: int, idx=idx):
-                ids = idx[a:b]
-                return ids, self.launch_bodies(W.images_to_device([images[i] for i in ids], self._device))
-
-            def finish(handle, h=h, w=w) -> None:
-                ids, body = handle
-                people_per_image, dsize = self.finish_bodies(body)
-                for j, i in enumerate(ids):
-                    results[i] = self._annotation(images[i], people_per_image[j], dsize, (h, w))
-
-            W.pipelined(len(idx), W.chunk_size(self._options["chunk_size"], len(idx), self._device), launch, finish)
+            batch = W.images_to_device([images[i] for i in idx], self._device)
+            people_per_image, dsize = self.detect_bodies(batch)
+            for j, i in enumerate(idx):
+                people = people_per_image[j]
+                if self._options["hands"] or self._options["face"]:
+                    img = images[i]
+                    if dsize != (h, w):
+                        img = _resize_like_reference(img, dsize)
+                    self.add_hands_and_face(img, people)
+                doc = self.to_json(people, dsize, (h, w))
+                meta = {
+                    "people": len(people),
+                    "keypoints": int(sum(k is not None for p in people for k in p["body"])),
+                }
+                if self._options["hands"]:
+                    meta["hand_keypoints"] = int(
+                        sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
+                            for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
+                    )
+                if self._options["face"]:
+                    meta["face_keypoints"] = int(
+                        sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
+                    )
+                canvas = self.render(people, dsize, (h, w))
+                results[i] = Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
         return results  # type: ignore[return-value]
-
-    def _annotation(
-        self, image: np.ndarray, people: list[dict], dsize: tuple[int, int], size: tuple[int, int]
-    ) -> Annotation:
-        """Members and metadata of one image from its body detections."""
-        h, w = size
-        if self._options["hands"] or self._options["face"]:
-            img = image if dsize == (h, w) else _resize_like_reference(image, dsize)
-            self.add_hands_and_face(img, people)
-        doc = self.to_json(people, dsize, (h, w))
-        meta = {
-            "people": len(people),
-            "keypoints": int(sum(k is not None for p in people for k in p["body"])),
-        }
-        if self._options["hands"]:
-            meta["hand_keypoints"] = int(
-                sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
-                    for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
-            )  # fmt: skip
-        if self._options["face"]:
-            meta["face_keypoints"] = int(
-                sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
-            )
-        canvas = self.render(people, dsize, (h, w))
-        return Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
 
 
 def _align_corners_matrix(src: int, dst: int) -> np.ndarray:

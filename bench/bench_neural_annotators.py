@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         images = photos(args.images, args.size)
         for name in names:
             ann = create_annotator(
-                name, weights=folder, device=str(device), precision=args.precision, chunk_size=args.chunk_size
+                name, weights=folder, device=str(device), precision=args.precision,
+                **({"chunk_size": args.chunk_size} if name == "hed" else {})
             )
             ann.setup()
             if device.type == "cuda":
