@@ -72,12 +72,15 @@ def bare_loop(src: Path, out: Path, opts) -> float:
     keys = sorted(c.key for c in kept)
     bounds = shard_boundaries(keys, opts.shard_size)
     by_key = {c.key: c for c in kept}
+    from pipelines.beam import beam_batch_size
+
+    batch = beam_batch_size(opts)
     for i, start in enumerate(bounds):
         shard = [by_key[k] for k in keys[i * opts.shard_size:(i + 1) * opts.shard_size]]
         digest = plan_digest("{}", shard)
         samples, failures = [], []
-        for j in range(0, len(shard), opts.batch_size):
-            decoded = [decode_candidate(c, opts) for c in shard[j:j + opts.batch_size]]
+        for j in range(0, len(shard), batch):
+            decoded = [decode_candidate(c, opts) for c in shard[j:j + batch]]
             ok = [d for d in decoded if not hasattr(d, "reason")]
             for res in annotate_decoded(ok, annotators):
                 d, ann = res

@@ -1,13 +1,16 @@
 """The annotate pipeline on Apache Beam.
 
-    Create(inputs) -> Probe -> Dedup -> PlanShards -> Reshuffle -> Decode
-      -> BatchElements -> Annotate+Encode -> GroupByKey(shard) -> WriteShard
+    Create(inputs) -> Probe -> Dedup [-> NearDuplicates] -> AssignShard
+      -> GroupByKey(shard) -> PlanShards -> Reshuffle
+      -> MakeShards (decode, annotate in batches, encode, write the tar)
       -> Finalize(stats.json, failures.parquet, filtered.parquet)
 
 Probing is light (bytes are hashed, headers read, pixels not decoded), so
 duplicates are removed and samples are assigned to fixed-size shards before
 any expensive work; shards already complete from an earlier run with the same
-plan are skipped before decoding. Pixels are decoded once, after planning.
+plan are skipped before decoding. Pixels are decoded once, after planning, in
+the worker that writes their shard: a shard is the unit of parallel work and
+of resume, and no image or encoded sample crosses between workers.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from pipelines.options import AnnotateOptions
 from pipelines.sources import InputRef
 from pipelines.stages import (
     Candidate,
-    Decoded,
-    EncodedSample,
     annotate_decoded,
     choose_duplicate,
     decode_candidate,
@@ -40,7 +41,7 @@ from pipelines.stages import (
     probe_input,
     shard_boundaries,
 )
-from pipelines.writer import ShardSummary, read_shard_summary, shard_is_complete, shard_name, write_shard
+from pipelines.writer import ShardSummary, ShardWriter, read_shard_summary, shard_is_complete, shard_name
 from schemas import FILTERED, FailureRecord
 
 log = logging.getLogger(__name__)
@@ -109,31 +110,18 @@ class PlanShardFn(beam.DoFn):
             self.skipped.inc()
             yield beam.pvalue.TaggedOutput("done", read_shard_summary(self.fs, self.root, name))
             return
-        for c in cands:
-            yield (index, digest, c)
+        yield (index, digest, cands)
 
 
-class DecodeFn(beam.DoFn):
-    def __init__(self, opts: AnnotateOptions) -> None:
-        self.opts = opts
-        self.decoded = _counter("decoded")
-        self.failed = _counter("decode_failed")
+class ShardFn(beam.DoFn):
+    """Makes one planned shard: decode, annotate in batches, encode, and
+    stream the samples into the shard's tar, then commit it.
 
-    def process(self, item: tuple[int, str, Candidate]) -> Iterable:
-        index, digest, c = item
-        result = decode_candidate(c, self.opts)
-        if isinstance(result, FailureRecord):
-            self.failed.inc()
-            yield beam.pvalue.TaggedOutput("failed", (index, (digest, result)))
-        else:
-            self.decoded.inc()
-            yield (index, digest, result)
-
-
-class AnnotateFn(beam.DoFn):
-    """Runs every selected annotator on a batch; models load once per worker
-    (in ``setup``), not once per bundle or element. CPU annotators run on a
-    thread pool beside the GPU ones; yield gates filter after annotation."""
+    A shard is the unit of work (and of resume): its samples never leave the
+    worker, so no image or encoded sample is shuffled between workers. Models
+    load once per worker process (Beam's Shared handle) and are shared by its
+    threads; GPU work is serialised per process by a lock while other threads
+    decode and encode. CPU annotators run on a thread pool beside GPU ones."""
 
     def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
         from apache_beam.utils.shared import Shared
@@ -142,40 +130,71 @@ class AnnotateFn(beam.DoFn):
         self.total = total
         self._shared = Shared()
         self._tag = json.dumps(opts.annotators, sort_keys=True, default=str)
+        self.decoded = _counter("decoded")
+        self.decode_failed = _counter("decode_failed")
         self.annotated = _counter("annotated")
         self.failed = _counter("annotate_failed")
         self.gated = _counter("gated")
+        self.written = _counter("written")
+        self.shards = _counter("shards_written")
 
     def setup(self) -> None:
         from pipelines.options import parse_gate
 
-        # One set of models per worker process, shared by its threads
-        # (Beam's Shared handle); GPU work is serialised by the holder's lock
-        # while other threads decode and encode.
         self.models = self._shared.acquire(lambda: LoadedAnnotators(self.opts), tag=self._tag)
         self.annotators = self.models.annotators
         self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
+        self.batch = beam_batch_size(self.opts)
         self.gates = [parse_gate(g) for g in self.opts.gates]
         self.progress = Progress(self.total)
+        self.fs, self.root = url_to_fs(self.opts.output)
 
-    def process(self, batch: list[tuple[int, str, Decoded]]) -> Iterable:
+    def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
+        index, digest, cands = item
+        name = shard_name(self.opts.prefix, index)
+        writer = ShardWriter(self.fs, self.root, name)
+        try:
+            for start in range(0, len(cands), self.batch):
+                for result in self._batch(cands[start:start + self.batch], name):
+                    if isinstance(result, FailureRecord):
+                        writer.add_failure(result)
+                    else:
+                        writer.add(result)
+                self.progress.advance(min(self.batch, len(cands) - start))
+        except BaseException:
+            writer.abort()
+            raise
+        summary = writer.commit(digest)
+        self.written.inc(summary.written)
+        self.shards.inc()
+        yield summary
+
+    def _batch(self, cands: list[Candidate], name: str) -> list:
+        """Results for a key-ordered batch, in the same order."""
+        decoded = [decode_candidate(c, self.opts) for c in cands]
+        ok = [d for d in decoded if not isinstance(d, FailureRecord)]
+        self.decoded.inc(len(ok))
+        self.decode_failed.inc(len(decoded) - len(ok))
         timings: dict[str, float] = {}
         with self.models.lock:
-            results = annotate_decoded([d for _, _, d in batch], self.annotators, self.batch_sizes,
-                                       timings, self.models.pool)
-        for name, seconds in timings.items():
-            Metrics.counter(NS, f"ms_{name}").inc(int(seconds * 1000))
-        for (index, digest, _), result in zip(batch, results):
+            annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool))
+        for ann_name, seconds in timings.items():
+            Metrics.counter(NS, f"ms_{ann_name}").inc(int(seconds * 1000))
+        out = []
+        for d in decoded:
+            result = d if isinstance(d, FailureRecord) else next(annotated)
             if not isinstance(result, FailureRecord):
-                decoded, annotations = result
-                result = gate_sample(decoded, annotations, self.gates) or encode_sample(
-                    decoded, annotations, self.annotators, self.opts, shard_name(self.opts.prefix, index))
-            if isinstance(result, FailureRecord):
-                (self.gated if result.stage == "gate" else self.failed).inc()
-            else:
-                self.annotated.inc()
-            yield (index, (digest, result))
-        self.progress.advance(len(batch))
+                dec, annotations = result
+                result = gate_sample(dec, annotations, self.gates) or encode_sample(
+                    dec, annotations, self.annotators, self.opts, name)
+                if isinstance(result, FailureRecord):
+                    (self.gated if result.stage == "gate" else self.failed).inc()
+                else:
+                    self.annotated.inc()
+            elif result.stage == "annotate":
+                self.failed.inc()
+            out.append(result)
+        return out
 
 
 class LoadedAnnotators:
@@ -271,31 +290,6 @@ class Progress:
         print(f"controlset: annotated {self.done}{of} images ({rate:.1f} img/s{eta})", file=sys.stderr, flush=True)
 
 
-class WriteShardFn(beam.DoFn):
-    def __init__(self, opts: AnnotateOptions) -> None:
-        self.opts = opts
-        self.written = _counter("written")
-        self.shards = _counter("shards_written")
-
-    def setup(self) -> None:
-        self.fs, self.root = url_to_fs(self.opts.output)
-
-    def process(self, item: tuple[int, Iterable[tuple[str, Any]]]) -> Iterable[ShardSummary]:
-        index, entries = item
-        samples: list[EncodedSample] = []
-        failures: list[FailureRecord] = []
-        digests = set()
-        for digest, result in entries:
-            digests.add(digest)
-            (failures if isinstance(result, FailureRecord) else samples).append(result)
-        assert len(digests) == 1, "one shard, one plan"
-        summary = write_shard(self.fs, self.root, shard_name(self.opts.prefix, index),
-                              samples, failures, digests.pop())
-        self.written.inc(summary.written)
-        self.shards.inc()
-        yield summary
-
-
 def _finalize(_, opts: AnnotateOptions, inputs: int, boundaries: list[str],
               records: list[FailureRecord], summaries: list[ShardSummary],
               run_info: dict) -> dict:
@@ -345,21 +339,10 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
         | "GroupPlan" >> beam.GroupByKey()
         | "PlanShards" >> beam.ParDo(PlanShardFn(opts, fingerprint_json)).with_outputs("done", main="todo")
     )
-    decoded = (
+    written = (
         planned.todo
         | "Spread" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(DecodeFn(opts)).with_outputs("failed", main="ok")
-    )
-    annotated = (
-        decoded.ok
-        | "Batch" >> beam.BatchElements(min_batch_size=beam_batch_size(opts), max_batch_size=beam_batch_size(opts))
-        | "Annotate" >> beam.ParDo(AnnotateFn(opts, total=len(refs)))
-    )
-    written = (
-        (annotated, decoded.failed)
-        | "Join" >> beam.Flatten()
-        | "GroupShard" >> beam.GroupByKey()
-        | "WriteShards" >> beam.ParDo(WriteShardFn(opts))
+        | "MakeShards" >> beam.ParDo(ShardFn(opts, total=len(refs)))
     )
     summaries = (written, planned.done) | "AllShards" >> beam.Flatten()
     early = [probed.records, deduped.records] + ([near_records] if near_records is not None else [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import posixpath
 import time
@@ -73,8 +74,15 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
-    result = p.run()
-    result.wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+    finally:
+        if opts.gpus:
+            import shutil
+            import tempfile
+
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), f"controlset-gpus-{opts.run_id}"), ignore_errors=True)
     elapsed = time.perf_counter() - started
     with fs.open(posixpath.join(root, STATS_FILE), "rb") as f:
         stats = json.load(f)

@@ -100,6 +100,66 @@ class ShardSummary:
     skipped: bool = False  # already complete from an earlier run
 
 
+class ShardWriter:
+    """Streams one shard's samples into a temporary tar, then commits the tar,
+    its failures and its manifest (see the module docstring for the order).
+
+    Samples must be added in key order (the caller processes a shard's
+    planned samples sorted by key), so the bytes depend only on the shard's
+    content, and memory stays bounded by one sample.
+    """
+
+    def __init__(self, fs, root: str, name: str) -> None:
+        import webdataset as wds  # imports torch: only the writing worker pays for it
+
+        self.fs, self.root, self.name = fs, root, name
+        self.tar_path = posixpath.join(root, f"{name}.tar")
+        self.tmp = _tmp_path(self.tar_path)
+        self.rows: list = []
+        self.failures: list[FailureRecord] = []
+        self._last_key = ""
+        self._file = fs.open(self.tmp, "wb")
+        self._sink = wds.TarWriter(self._file, user="controlset", group="controlset", mtime=TAR_MTIME,
+                                   encoder=False)
+
+    def add(self, sample) -> None:  # EncodedSample
+        if sample.key <= self._last_key:
+            raise ValueError(f"samples must be added in increasing key order ({sample.key} after {self._last_key})")
+        self._last_key = sample.key
+        self._sink.write({"__key__": sample.key, **sample.members})
+        self.rows.append(sample.row)
+
+    def add_failure(self, record: FailureRecord) -> None:
+        self.failures.append(record)
+
+    def commit(self, digest: str) -> ShardSummary:
+        try:
+            self._sink.close()
+            self._file.close()
+            _commit(self.fs, self.tmp, self.tar_path)
+        except BaseException:
+            self.abort()
+            raise
+        failures = sorted(self.failures, key=lambda r: (r.source, r.stage, r.reason))
+        failures_path = posixpath.join(self.root, f"{self.name}.failures.parquet")
+        if failures:
+            atomic_write_table(self.fs, failures_path, records_table(failures))
+        else:
+            _remove_quietly(self.fs, failures_path)
+        table = manifest_table(self.rows).replace_schema_metadata(
+            {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode()}
+        )
+        atomic_write_table(self.fs, posixpath.join(self.root, f"{self.name}.parquet"), table)
+        return ShardSummary(self.name, len(self.rows), failures)
+
+    def abort(self) -> None:
+        try:
+            self._file.close()
+        except Exception:
+            pass
+        _remove_quietly(self.fs, self.tmp)
+
+
 def write_shard(
     fs,
     root: str,
@@ -108,38 +168,17 @@ def write_shard(
     failures: Sequence[FailureRecord],
     digest: str,
 ) -> ShardSummary:
-    """Write one shard (tar + manifest + failures) atomically.
-
-    Samples are written in key order and failures sorted, so the bytes depend
-    only on the shard's content, not on worker or bundle order.
-    """
-    import webdataset as wds  # imports torch: only the writing worker pays for it
-
-    samples = sorted(samples, key=lambda s: s.key)
-    failures = sorted(failures, key=lambda r: (r.source, r.stage, r.reason))
-    tar_path = posixpath.join(root, f"{name}.tar")
-    tmp = _tmp_path(tar_path)
+    """Write one shard (tar + manifest + failures) atomically, samples in key order."""
+    writer = ShardWriter(fs, root, name)
     try:
-        with fs.open(tmp, "wb") as f:
-            with wds.TarWriter(f, user="controlset", group="controlset", mtime=TAR_MTIME,
-                               encoder=False) as sink:
-                for s in samples:
-                    sink.write({"__key__": s.key, **s.members})
-        _commit(fs, tmp, tar_path)
+        for s in sorted(samples, key=lambda s: s.key):
+            writer.add(s)
+        for r in failures:
+            writer.add_failure(r)
     except BaseException:
-        _remove_quietly(fs, tmp)
+        writer.abort()
         raise
-    failures_path = posixpath.join(root, f"{name}.failures.parquet")
-    if failures:
-        atomic_write_table(fs, failures_path, records_table(list(failures)))
-    else:
-        _remove_quietly(fs, failures_path)
-    table = manifest_table([s.row for s in samples])
-    table = table.replace_schema_metadata(
-        {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode()}
-    )
-    atomic_write_table(fs, posixpath.join(root, f"{name}.parquet"), table)
-    return ShardSummary(name, len(samples), list(failures))
+    return writer.commit(digest)
 
 
 def shard_is_complete(fs, root: str, name: str, digest: str) -> bool:

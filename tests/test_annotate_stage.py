@@ -143,7 +143,9 @@ def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results():
 def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
     import pipelines.beam as pb
 
-    opts = AnnotateOptions(inputs=("x",), output="y", gpus=2, run_id=f"test-{tmp_path.name}")
+    import uuid
+
+    opts = AnnotateOptions(inputs=("x",), output="y", gpus=2, run_id=f"test-{uuid.uuid4().hex}")
     monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
     first = pb.claim_gpu(opts)
     assert pb.claim_gpu(opts) == first  # a process keeps its GPU
