@@ -150,6 +150,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--gpus", type=int, default=0, help="0: one GPU, threads in one process; N: one process per GPU")
     ap.add_argument("--threads", type=int, default=4, help="DirectRunner threads when --gpus is 0")
     ap.add_argument("--reference-images", type=int, default=8)
+    ap.add_argument("--shard-size", type=int, default=250, help="a shard is the unit of parallel work")
     ap.add_argument("--annotators", default=",".join(ANNOTATORS))
     ap.add_argument("--caption-beams", type=int, default=3, help="BLIP beam width (the annotator's default: 3)")
     ap.add_argument("--processes", type=int, default=0,
@@ -175,7 +176,7 @@ def main(argv=None) -> dict:
     opts = AnnotateOptions(
         inputs=(str(work / "in"),), output=str(work / "out"),
         annotators=tuple((n, models[n]) for n in names),
-        resolution=args.resolution, shard_size=500, gpus=args.gpus, min_size=min(256, args.side),
+        resolution=args.resolution, shard_size=args.shard_size, gpus=args.gpus, min_size=min(256, args.side),
     )
     if args.gpus:
         beam_args = []
