@@ -150,19 +150,15 @@ class HED(Annotator):
             self.members = ("hed.png", "scribble.png")
         self._net = None
 
+    def preflight(self) -> None:
+        W.locate([HED_FILE], self._options["weights"])
+
     def setup(self) -> None:
         if self._net is not None:
             return
         from controlnet_aux.hed import ControlNetHED_Apache2
 
-        from annotators._torch import resolve_device, resolve_precision
-
-        state = W.load_weights(HED_FILE, self._options["weights"])
-        self._device = resolve_device(self._options["device"])
-        self._dtype = resolve_precision(self._options["precision"], self._device)
-        net = ControlNetHED_Apache2()
-        net.load_state_dict(state)
-        self._net = W.prepare_model(net, self._device, self._dtype)
+        self._net, self._device, self._dtype = W.load_network(ControlNetHED_Apache2, HED_FILE, self._options)
 
     def detect_size(self, height: int, width: int) -> tuple[int, int]:
         """Size the network sees for an image of ``height`` x ``width``."""

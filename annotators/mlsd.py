@@ -111,19 +111,15 @@ class MLSD(Annotator):
         )
         self._net = None
 
+    def preflight(self) -> None:
+        W.locate([MLSD_FILE], self._options["weights"])
+
     def setup(self) -> None:
         if self._net is not None:
             return
         from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
 
-        from annotators._torch import resolve_device, resolve_precision
-
-        state = W.load_weights(MLSD_FILE, self._options["weights"])
-        self._device = resolve_device(self._options["device"])
-        self._dtype = resolve_precision(self._options["precision"], self._device)
-        net = MobileV2_MLSD_Large()
-        net.load_state_dict(state, strict=True)
-        self._net = W.prepare_model(net, self._device, self._dtype)
+        self._net, self._device, self._dtype = W.load_network(MobileV2_MLSD_Large, MLSD_FILE, self._options)
 
     def detect_size(self, height: int, width: int) -> tuple[int, int]:
         res = self._options["detect_resolution"]

@@ -528,6 +528,9 @@ class OpenPose(Annotator):
 
     # -- setup ---------------------------------------------------------------
 
+    def preflight(self) -> None:
+        W.locate(self.required_files(), self._options["weights"])
+
     def required_files(self) -> list[str]:
         files = [BODY_FILE]
         if self._options["hands"]:

@@ -219,6 +219,21 @@ def load_weights(filename: str, weights: str | os.PathLike | None = None) -> dic
     return load_state_dict(path)
 
 
+def load_network(factory: Callable[[], Any], filename: str, options: dict[str, Any], strict: bool = True):
+    """Build ``factory()``, load ``filename`` into it (located, verified and
+    loaded safely) and move it to the options' device and precision.
+
+    Returns ``(network, device, dtype)``."""
+    from annotators._torch import resolve_device, resolve_precision
+
+    state = load_weights(filename, options["weights"])
+    device = resolve_device(options["device"])
+    dtype = resolve_precision(options["precision"], device)
+    net = factory()
+    net.load_state_dict(state, strict=strict)
+    return prepare_model(net, device, dtype), device, dtype
+
+
 def resolve_names(names: Iterable[str] | None) -> list[str]:
     """Annotator names and/or file names -> file names (all files when empty)."""
     names = list(names or [])
