@@ -35,7 +35,8 @@ from training.models import (
     Base,
     ConditioningMethod,
     ControlNetMethod,
-    decoder_modules,
+    cast_frozen_unet,
+    decoder_group,
     register_method,
 )
 
@@ -128,17 +129,11 @@ class _DecoderUnlockMixin:
 
     def _groups(self, own: list[dict], phase: str) -> list[dict]:
         if phase == "unlocked":
-            params = [p for m in decoder_modules(self.unet) for p in m.parameters()]
-            own = own + [{"name": "unet_decoder", "params": params, "lr": self.unlock_learning_rate}]
+            own = own + [decoder_group(self.unet, self.unlock_learning_rate)]
         return own
 
     def cast_frozen(self, dtype: torch.dtype, will_unlock: bool) -> None:
-        if dtype == torch.float32:
-            return
-        keep = {id(p) for m in decoder_modules(self.unet) for p in m.parameters()} if will_unlock else set()
-        for p in self.unet.parameters():
-            if id(p) not in keep:
-                p.data = p.data.to(dtype)
+        cast_frozen_unet(self.unet, dtype, will_unlock)
 
     def _export_unet(self, out_dir: str, unet_changed: bool, full_precision_unet) -> dict[str, str]:
         if not unet_changed:

@@ -183,6 +183,23 @@ def decoder_modules(unet) -> list[nn.Module]:
     return [getattr(unet, p.rstrip(".")) for p in DECODER_PREFIXES]
 
 
+def decoder_group(unet: nn.Module, lr: float) -> dict:
+    """The optimiser group that the ``unlocked`` phase adds: the SD decoder half."""
+    params = [p for m in decoder_modules(unet) for p in m.parameters()]
+    return {"name": "unet_decoder", "params": params, "lr": lr}
+
+
+def cast_frozen_unet(unet: nn.Module, dtype: torch.dtype, will_unlock: bool) -> None:
+    """Store the frozen UNet weights in the training precision; the decoder
+    half stays fp32 when it will be unlocked (it becomes trainable)."""
+    if dtype == torch.float32:
+        return
+    keep = {id(p) for m in decoder_modules(unet) for p in m.parameters()} if will_unlock else set()
+    for p in unet.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(dtype)
+
+
 @register_method
 class ControlNetMethod(ConditioningMethod):
     """ControlNet: a trainable copy of the UNet encoder joined by zero
@@ -253,17 +270,11 @@ class ControlNetMethod(ConditioningMethod):
     def param_groups(self, phase: str) -> list[dict]:
         groups = [{"name": "controlnet", "params": self._controlnet_params(), "lr": self.learning_rate}]
         if phase == "unlocked":
-            params = [p for m in decoder_modules(self.unet) for p in m.parameters()]
-            groups.append({"name": "unet_decoder", "params": params, "lr": self.unlock_learning_rate})
+            groups.append(decoder_group(self.unet, self.unlock_learning_rate))
         return groups
 
     def cast_frozen(self, dtype: torch.dtype, will_unlock: bool) -> None:
-        if dtype == torch.float32:
-            return
-        keep = {id(p) for m in decoder_modules(self.unet) for p in m.parameters()} if will_unlock else set()
-        for p in self.unet.parameters():
-            if id(p) not in keep:
-                p.data = p.data.to(dtype)
+        cast_frozen_unet(self.unet, dtype, will_unlock)
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
