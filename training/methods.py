@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models import (
-    DECODER_PREFIXES,
     Base,
     ConditioningMethod,
     ControlNetMethod,
     cast_frozen_unet,
     decoder_group,
     register_method,
+    save_trained_unet,
 )
 
 
@@ -138,14 +138,7 @@ class _DecoderUnlockMixin:
     def _export_unet(self, out_dir: str, unet_changed: bool, full_precision_unet) -> dict[str, str]:
         if not unet_changed:
             return {}
-        unet = self.unet
-        if full_precision_unet is not None:
-            trained = {k: v for k, v in self.unet.state_dict().items() if k.startswith(DECODER_PREFIXES)}
-            full_precision_unet.load_state_dict(trained, strict=False)
-            unet = full_precision_unet
-        udir = os.path.join(out_dir, "unet")
-        unet.save_pretrained(udir, safe_serialization=True)
-        return {"unet": udir}
+        return {"unet": save_trained_unet(self.unet, out_dir, full_precision_unet)}
 
 
 def _save_module(module: nn.Module, out_dir: str, name: str, config: dict) -> dict[str, str]:

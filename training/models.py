@@ -200,6 +200,20 @@ def cast_frozen_unet(unet: nn.Module, dtype: torch.dtype, will_unlock: bool) -> 
             p.data = p.data.to(dtype)
 
 
+def save_trained_unet(unet: nn.Module, out_dir: str, full_precision_unet: nn.Module | None = None) -> str:
+    """Write ``out_dir/unet`` (diffusers format) after the decoder was trained.
+
+    When the frozen parts were stored in reduced precision, the trained
+    decoder is written into a full-precision copy of the base UNet instead."""
+    if full_precision_unet is not None:
+        trained = {k: v for k, v in unet.state_dict().items() if k.startswith(DECODER_PREFIXES)}
+        full_precision_unet.load_state_dict(trained, strict=False)
+        unet = full_precision_unet
+    udir = os.path.join(out_dir, "unet")
+    unet.save_pretrained(udir, safe_serialization=True)
+    return udir
+
+
 @register_method
 class ControlNetMethod(ConditioningMethod):
     """ControlNet: a trainable copy of the UNet encoder joined by zero
@@ -292,16 +306,7 @@ class ControlNetMethod(ConditioningMethod):
         paths["diffusers"] = cdir
         paths["a1111"] = save_a1111(self.controlnet, os.path.join(out_dir, "controlnet.safetensors"))
         if unet_changed:
-            unet = self.unet
-            if full_precision_unet is not None:
-                # Frozen parts were stored in reduced precision: write the
-                # trained decoder into a full-precision copy of the base UNet.
-                trained = {k: v for k, v in self.unet.state_dict().items() if k.startswith(DECODER_PREFIXES)}
-                full_precision_unet.load_state_dict(trained, strict=False)
-                unet = full_precision_unet
-            udir = os.path.join(out_dir, "unet")
-            unet.save_pretrained(udir, safe_serialization=True)
-            paths["unet"] = udir
+            paths["unet"] = save_trained_unet(self.unet, out_dir, full_precision_unet)
         return paths
 
     def pipeline(self, base: Base):
