@@ -132,18 +132,13 @@ class HED(Annotator):
         detect_resolution: int | None = None,
         chunk_size: int | None = None,
     ) -> None:
-        W.check_precision_name(precision)
-        if detect_resolution is not None and int(detect_resolution) < 64:
-            raise ValueError("hed detect_resolution must be >= 64")
+        common = W.network_options("hed", weights, device, precision, detect_resolution)
         if chunk_size is not None and int(chunk_size) < 1:
             raise ValueError("hed chunk_size must be >= 1")
         super().__init__(
-            weights=None if weights is None else str(weights),
-            device=device,
-            precision=precision,
+            **common,
             safe=bool(safe),
             scribble=bool(scribble),
-            detect_resolution=None if detect_resolution is None else int(detect_resolution),
             chunk_size=None if chunk_size is None else int(chunk_size),
         )
         if scribble:

@@ -96,19 +96,10 @@ class MLSD(Annotator):
         thr_d: float = 0.1,
         detect_resolution: int | None = None,
     ) -> None:
-        W.check_precision_name(precision)
+        common = W.network_options("mlsd", weights, device, precision, detect_resolution)
         if thr_v < 0 or thr_d < 0:
             raise ValueError("mlsd thr_v and thr_d must be >= 0")
-        if detect_resolution is not None and int(detect_resolution) < 64:
-            raise ValueError("mlsd detect_resolution must be >= 64")
-        super().__init__(
-            weights=None if weights is None else str(weights),
-            device=device,
-            precision=precision,
-            thr_v=float(thr_v),
-            thr_d=float(thr_d),
-            detect_resolution=None if detect_resolution is None else int(detect_resolution),
-        )
+        super().__init__(**common, thr_v=float(thr_v), thr_d=float(thr_d))
         self._net = None
 
     def preflight(self) -> None:

@@ -512,17 +512,8 @@ class OpenPose(Annotator):
         face: bool = False,
         detect_resolution: int | None = None,
     ) -> None:
-        W.check_precision_name(precision)
-        if detect_resolution is not None and int(detect_resolution) < 64:
-            raise ValueError("openpose detect_resolution must be >= 64")
-        super().__init__(
-            weights=None if weights is None else str(weights),
-            device=device,
-            precision=precision,
-            hands=bool(hands),
-            face=bool(face),
-            detect_resolution=None if detect_resolution is None else int(detect_resolution),
-        )
+        common = W.network_options("openpose", weights, device, precision, detect_resolution)
+        super().__init__(**common, hands=bool(hands), face=bool(face))
         self._body = None
         self._geometry: dict[tuple[int, int], BodyGeometry] = {}
 

@@ -219,6 +219,19 @@ def load_weights(filename: str, weights: str | os.PathLike | None = None) -> dic
     return load_state_dict(path)
 
 
+def network_options(name: str, weights, device, precision, detect_resolution) -> dict[str, Any]:
+    """Validated options shared by the lllyasviel-weight annotators."""
+    check_precision_name(precision)
+    if detect_resolution is not None and int(detect_resolution) < 64:
+        raise ValueError(f"{name} detect_resolution must be >= 64")
+    return {
+        "weights": None if weights is None else str(weights),
+        "device": device,
+        "precision": precision,
+        "detect_resolution": None if detect_resolution is None else int(detect_resolution),
+    }
+
+
 def load_network(factory: Callable[[], Any], filename: str, options: dict[str, Any], strict: bool = True):
     """Build ``factory()``, load ``filename`` into it (located, verified and
     loaded safely) and move it to the options' device and precision.
