@@ -153,14 +153,22 @@ class ShardFn(beam.DoFn):
         index, digest, cands = item
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
+        batches = [cands[i:i + self.batch] for i in range(0, len(cands), self.batch)]
+        io = self.models.io_pool
         try:
-            for start in range(0, len(cands), self.batch):
-                for result in self._batch(cands[start:start + self.batch], name):
+            # Decoding batch k+1 overlaps annotating batch k (PIL, OpenCV and
+            # zlib release the GIL); results keep the key order throughout.
+            upcoming = self.models.prefetch.submit(self._decode, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                decoded = upcoming.result()
+                if k + 1 < len(batches):
+                    upcoming = self.models.prefetch.submit(self._decode, batches[k + 1])
+                for result in self._annotate(decoded, name, io):
                     if isinstance(result, FailureRecord):
                         writer.add_failure(result)
                     else:
                         writer.add(result)
-                self.progress.advance(min(self.batch, len(cands) - start))
+                self.progress.advance(len(batch))
         except BaseException:
             writer.abort()
             raise
@@ -169,9 +177,12 @@ class ShardFn(beam.DoFn):
         self.shards.inc()
         yield summary
 
-    def _batch(self, cands: list[Candidate], name: str) -> list:
-        """Results for a key-ordered batch, in the same order."""
-        decoded = [decode_candidate(c, self.opts) for c in cands]
+    def _decode(self, cands: list[Candidate]) -> list:
+        return list(self.models.io_pool.map(lambda c: decode_candidate(c, self.opts), cands))
+
+    def _annotate(self, decoded: list, name: str, io) -> list:
+        """Results for a key-ordered batch, in the same order. Counters are
+        updated here, on the bundle's thread (Beam's metrics are per thread)."""
         ok = [d for d in decoded if not isinstance(d, FailureRecord)]
         self.decoded.inc(len(ok))
         self.decode_failed.inc(len(decoded) - len(ok))
@@ -180,27 +191,34 @@ class ShardFn(beam.DoFn):
             annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool))
         for ann_name, seconds in timings.items():
             Metrics.counter(NS, f"ms_{ann_name}").inc(int(seconds * 1000))
-        out = []
-        for d in decoded:
-            result = d if isinstance(d, FailureRecord) else next(annotated)
+
+        def finish(d):
+            if isinstance(d[1], FailureRecord):
+                return d[1]
+            dec, annotations = d[1]
+            return gate_sample(dec, annotations, self.gates) or encode_sample(
+                dec, annotations, self.annotators, self.opts, name)
+
+        staged = [("failed", d) if isinstance(d, FailureRecord) else ("ok", next(annotated)) for d in decoded]
+        out = list(io.map(finish, staged))
+        for (kind, _), result in zip(staged, out):
+            if kind == "failed":
+                continue
             if not isinstance(result, FailureRecord):
-                dec, annotations = result
-                result = gate_sample(dec, annotations, self.gates) or encode_sample(
-                    dec, annotations, self.annotators, self.opts, name)
-                if isinstance(result, FailureRecord):
-                    (self.gated if result.stage == "gate" else self.failed).inc()
-                else:
-                    self.annotated.inc()
-            elif result.stage == "annotate":
+                self.annotated.inc()
+            elif result.stage == "gate":
+                self.gated.inc()
+            else:
                 self.failed.inc()
-            out.append(result)
         return out
 
 
 class LoadedAnnotators:
-    """The annotators of one worker process, loaded once and shared."""
+    """The annotators of one worker process, loaded once and shared, with the
+    process's decode/encode threads."""
 
     def __init__(self, opts: AnnotateOptions) -> None:
+        import os
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -214,6 +232,10 @@ class LoadedAnnotators:
         for a in self.annotators:
             a.setup()
         self.lock = threading.Lock()
+        # Decoding and encoding threads of this worker process.
+        io_threads = opts.io_threads or min(4, os.cpu_count() or 1)
+        self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="controlset-io")
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
         cpu = [a for a in self.annotators if not a.uses_gpu]
         self.pool = ThreadPoolExecutor(max_workers=len(cpu)) if cpu and len(cpu) < len(self.annotators) else None
 

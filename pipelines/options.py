@@ -34,6 +34,7 @@ class AnnotateOptions:
     annotator_batch_sizes: tuple[tuple[str, int], ...] = ()  # per-annotator chunk sizes
     gates: tuple[str, ...] = ()  # yield gates, e.g. "openpose.keypoints>=8", "mlsd.lines>16"
     near_duplicates: int = 0  # >0: drop images whose perceptual hash is within N bits of a kept one
+    io_threads: int = 0  # decode/encode threads per worker process; 0: min(4, CPUs)
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY

@@ -72,6 +72,8 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
+    if not opts.io_threads:
+        opts = replace(opts, io_threads=default_io_threads(beam_args))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
     try:
@@ -89,6 +91,18 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     stats["seconds"] = elapsed
     stats["counters"] = stage_counters(result)
     return stats
+
+
+def default_io_threads(beam_args: list[str]) -> int:
+    """Decode/encode threads per worker process: the machine's CPUs divided
+    among the local worker processes (at most 4), so local runs do not
+    oversubscribe the cores."""
+    workers = 1
+    if any(a in ("--direct_running_mode=multi_processing",) for a in beam_args):
+        for a in beam_args:
+            if a.startswith("--direct_num_workers="):
+                workers = max(1, int(a.split("=", 1)[1]))
+    return max(1, min(4, (os.cpu_count() or 1) // workers))
 
 
 def stage_counters(result) -> dict[str, int]:
