@@ -148,7 +148,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--side", type=int, default=576, help="short side of the input JPEGs")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--gpus", type=int, default=0, help="0: one GPU, threads in one process; N: one process per GPU")
-    ap.add_argument("--threads", type=int, default=4, help="DirectRunner threads when --gpus is 0")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="one GPU: DirectRunner threads (0: in process; each worker already decodes and "
+                         "encodes on its own thread pool while the GPU works)")
     ap.add_argument("--reference-images", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=250, help="a shard is the unit of parallel work")
     ap.add_argument("--annotators", default=",".join(ANNOTATORS))
@@ -182,8 +184,10 @@ def main(argv=None) -> dict:
         beam_args = []
     elif args.processes:
         beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
-    else:
+    elif args.threads:
         beam_args = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
+    else:
+        beam_args = []
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)

@@ -133,6 +133,7 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             gates=tuple(args.gate or []) + tuple(config.get("gates") or []),
             gpus=_gpu_count(args.gpus),
             near_duplicates=args.near_duplicates,
+            io_threads=args.io_threads,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -233,6 +234,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(repeatable; failing images are filtered with reason gate:NAME.FIELD)")
     p.add_argument("--weights", default=None, help="folder with annotator weights (neural annotators)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--io-threads", type=int, default=0, metavar="N",
+                   help="decode/encode threads per worker process (default: CPUs per local worker, at most 4)")
     p.add_argument("--gpus", default=None, metavar="N|all",
                    help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),

@@ -41,6 +41,8 @@ class AnnotateOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.io_threads < 0:
+            raise ValueError(f"io threads must be >= 0, got {self.io_threads}")
         if self.resolution < 64 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
         if self.shard_size < 1:
