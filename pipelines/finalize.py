@@ -52,7 +52,7 @@ def finalize(
     records of samples that failed later. ``inputs == written + filtered +
     failed`` is checked, not assumed.
     """
-    removed = remove_stale(fs, root, prefix, num_shards)
+    remove_stale(fs, root, prefix, num_shards)
     records = list(early_records)
     for s in summaries:
         records.extend(s.failures)
@@ -74,6 +74,4 @@ def finalize(
     }
     stats["reconciled"] = stats["inputs"] == stats["written"] + stats["filtered"] + stats["failed"]
     write_json(fs, posixpath.join(root, STATS_FILE), stats)
-    stats["_removed"] = removed
-    stats["_skipped_shards"] = sum(1 for s in summaries if s.skipped)
     return stats

@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from annotators import create_annotator
 from pipelines.beam import NS, build_pipeline, pipeline_options
 from pipelines.finalize import STATS_FILE
-from pipelines.options import AnnotateOptions
+from pipelines.options import AnnotateOptions, parse_gate
 from pipelines.sources import discover, open_output_fs
 from schemas.errors import UsageError
 
@@ -52,8 +52,6 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         raise UsageError(f"annotator listed twice: {', '.join(names)}")
     descriptions = describe_annotators(opts)
     for gate in opts.gates:
-        from pipelines.options import parse_gate
-
         g = parse_gate(gate)
         if g.annotator not in names:
             raise UsageError(f"gate {gate!r} names annotator {g.annotator!r}, which is not selected")

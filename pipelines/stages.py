@@ -78,7 +78,6 @@ class EncodedSample:
     key: str
     members: dict[str, bytes]
     row: ManifestRow
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------- probe & filter

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas import FAILURE_SCHEMA, MANIFEST_SCHEMA, FailureRecord, manifest_table, records_table
+from schemas import FailureRecord, manifest_table, records_table
 
 #: Fixed member mtime (2020-01-01T00:00:00Z) so equal inputs give equal bytes.
 TAR_MTIME = 1577836800
@@ -216,8 +216,6 @@ def write_json(fs, path: str, obj) -> None:
 
 
 __all__ = [
-    "FAILURE_SCHEMA",
-    "MANIFEST_SCHEMA",
     "ShardSummary",
     "atomic_write_bytes",
     "atomic_write_table",
