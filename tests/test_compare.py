@@ -271,6 +271,7 @@ def test_compare_report_files(compare_run):
     from training.compare import load_config
 
     out, res = compare_run["out"], compare_run["results"]
+    assert res["partial"] is False
     labels = [m["label"] for m in load_config(TINY_CONFIG)["methods"]]
     assert [m["label"] for m in res["methods"]] == labels
     report = open(os.path.join(out, "report.md")).read()

@@ -557,10 +557,37 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
     refs, base_images = reference_scores(base_dir, evaluator, train_common.get("mixed_precision", "auto"))
     log.info("reference fidelity: %s", refs)
 
+    def summarise(results: list[dict], partial: bool) -> dict:
+        return {
+            "device": _device_name(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "torch": torch.__version__,
+            "condition": condition,
+            "metric": "edge F1" if meter.kind == "edges" else "IoU",
+            "tolerance_px": settings.tolerance if meter.kind == "edges" else None,
+            "threshold": settings.threshold,
+            "eval": dataclasses.asdict(settings),
+            "held_out_samples": len(samples),
+            "references": refs,
+            "pretraining": pretrain_summary,
+            "methods": [{k: v for k, v in r.items() if not k.startswith("_")} for r in results],
+            "wall_s": time.perf_counter() - t_start,
+            "partial": partial,
+            "config": cfg,
+        }
+
     results = []
-    for entry in cfg["methods"]:
+    for i, entry in enumerate(cfg["methods"]):
         results.append(run_method(entry, base_dir=base_dir, shards=shards, train_common=train_common,
                                   evaluator=evaluator, settings=settings, out=out, seed=seed, condition=condition))
+        if i + 1 < len(cfg["methods"]):
+            # a long comparison leaves a readable report after every method,
+            # so an interrupted run still shows what it measured
+            partial = summarise(results, partial=True)
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(partial, f, indent=2, default=str)
+            write_report(partial, out)
 
     n = settings.grid_images
     columns = [("condition", evaluator.cond_maps[:n]), ("target", evaluator.targets[:n]), ("base", base_images[:n])]
@@ -568,23 +595,7 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
     tile_grid(columns).save(os.path.join(out, "grids", "overview.png"))
 
-    summary = {
-        "device": _device_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "torch": torch.__version__,
-        "condition": condition,
-        "metric": "edge F1" if meter.kind == "edges" else "IoU",
-        "tolerance_px": settings.tolerance if meter.kind == "edges" else None,
-        "threshold": settings.threshold,
-        "eval": dataclasses.asdict(settings),
-        "held_out_samples": len(samples),
-        "references": refs,
-        "pretraining": pretrain_summary,
-        "methods": results,
-        "wall_s": time.perf_counter() - t_start,
-        "config": cfg,
-    }
+    summary = summarise(results, partial=False)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     write_report(summary, out)
@@ -629,6 +640,7 @@ def write_report(summary: dict, out: str) -> str:
         f"- references: targets {refs['targets']:.3f}, VAE reconstructions {refs['vae_reconstruction']:.3f} (ceiling), "
         f"base without condition {refs['base_without_condition']:.3f} (floor)",
         f"- wall time: {summary['wall_s']:.0f} s",
+        *(["- **partial**: the run was still going; methods not listed here had not finished"] if summary.get("partial") else []),
         "",
         f"| method | trainable params | steps to {metric} >= {thr:g} | final {metric} | best {metric} | final Chamfer (px) "
         "| held-out loss | train loss | step time (ms) | peak memory (MiB) |",
