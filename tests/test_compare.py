@@ -325,12 +325,50 @@ def test_compare_reuses_base_and_is_seeded(compare_run, tmp_path):
     cfg["methods"] = [m for m in cfg["methods"] if m["label"] == "Input channels"]
     path = tmp_path / "one.yaml"
     path.write_text(yaml.safe_dump(cfg))
+    run_dir = os.path.join(compare_run["out"], "runs", "input-channels")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    # a finished method with the same recipe is reused, not retrained
+    before = os.stat(metrics).st_mtime_ns
     res = run_compare(load_config(str(path)), output_dir=compare_run["out"])
-    assert res["pretraining"] == compare_run["results"]["pretraining"]
+    assert os.stat(metrics).st_mtime_ns == before
     first = next(m for m in compare_run["results"]["methods"] if m["label"] == "Input channels")
+    assert res["methods"][0]["curve"] == first["curve"]
+    # without its stamp it trains again, from the reused base, to the same curve
+    os.remove(os.path.join(run_dir, "result.json"))
+    res = run_compare(load_config(str(path)), output_dir=compare_run["out"])
+    assert os.stat(metrics).st_mtime_ns != before
+    assert res["pretraining"] == compare_run["results"]["pretraining"]
     again = res["methods"][0]
     assert [p["fidelity"] for p in again["curve"]] == [p["fidelity"] for p in first["curve"]]
     assert [p["heldout_loss"] for p in again["curve"]] == pytest.approx([p["heldout_loss"] for p in first["curve"]], rel=1e-6)
+
+
+def test_compare_methods_in_parallel_workers(compare_run, tmp_path):
+    """Methods trained in separate worker processes (one per GPU on a GPU
+    machine; here two CPU workers) give the same rows as the sequential run."""
+    from training.compare import load_config, make_job, run_parallel
+
+    cfg = load_config(TINY_CONFIG)
+    first = compare_run["results"]
+    entries = [m for m in cfg["methods"] if m["label"] in ("Input channels", "ControlNet-lite")]
+    job = make_job(cfg, os.path.join(compare_run["out"], "base", "pretrained"), first["pretraining"],
+                   _shards(compare_run["out"]), str(tmp_path / "par"))
+    rows: dict[int, dict] = {}
+    run_parallel(entries, job, 2, lambda i, r: rows.__setitem__(i, r))
+    assert sorted(rows) == [0, 1]
+    for i, entry in enumerate(entries):
+        seq = next(m for m in first["methods"] if m["label"] == entry["label"])
+        par = rows[i]
+        assert par["label"] == entry["label"] and len(par["_images"]) > 0
+        assert [p["step"] for p in par["curve"]] == [p["step"] for p in seq["curve"]]
+        assert [p["heldout_loss"] for p in par["curve"]] == pytest.approx([p["heldout_loss"] for p in seq["curve"]], rel=1e-4)
+        assert os.path.exists(os.path.join(job["out"], "runs", par["run_dir"].split(os.sep)[-1], "result.json"))
+
+
+def _shards(out: str) -> dict:
+    import glob
+
+    return {split: sorted(glob.glob(os.path.join(out, "data", f"{split}-*.tar"))) for split in ("train", "val")}
 
 
 def test_config_errors_and_unlock_rules(compare_run, tmp_path):

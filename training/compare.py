@@ -40,7 +40,8 @@ from schemas.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-_TOP_KEYS = {"output_dir", "seed", "condition", "task", "data", "base", "train", "eval", "methods", "annotator_options"}
+_TOP_KEYS = {"output_dir", "seed", "condition", "task", "data", "base", "train", "eval", "methods", "annotator_options",
+             "gpus"}
 _TASK_KEYS = {"kind", "n_train", "n_val", "size", "per_shard"}
 _BASE_KEYS = {"pretrained", "preset", "seed", "autoencoder", "text_to_image"}
 _AE_KEYS = {"steps", "batch_size", "learning_rate", "kl_weight"}
@@ -501,6 +502,105 @@ def run_method(entry: dict, *, base_dir: str, shards: dict, train_common: dict, 
     return result
 
 
+def make_job(cfg: dict, base_dir: str, pretrain_summary: dict, shards: dict, out: str) -> dict:
+    """What every method's run shares (plain data, so worker processes can take it)."""
+    settings = EvalSettings(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in (cfg.get("eval") or {}).items()})
+    return {"base_dir": base_dir, "base_recipe": _hash(pretrain_summary), "shards": shards,
+            "train_common": _norm(cfg.get("train")), "settings": dataclasses.asdict(settings), "out": out,
+            "seed": int(cfg.get("seed", 0)), "condition": str(cfg.get("condition", "canny")),
+            "annotator_options": cfg.get("annotator_options")}
+
+
+def method_result(entry: dict, job: dict, evaluator: "Evaluator | None" = None) -> dict:
+    """One method's row: reused from ``runs/<label>/result.json`` when the same
+    method, base, data, trainer options and evaluation already ran to the end
+    (so a comparison stopped part-way resumes where it stopped), else trained."""
+    label = entry.get("label", entry["method"])
+    run_dir = os.path.join(job["out"], "runs", _slug(label))
+    key = _hash({k: job[k] for k in ("base_recipe", "shards", "train_common", "settings", "seed", "condition",
+                                     "annotator_options")} | {"entry": entry})
+    stamp, images_path = os.path.join(run_dir, "result.json"), os.path.join(run_dir, "final_samples.npy")
+    if os.path.exists(stamp) and os.path.exists(images_path):
+        with open(stamp) as f:
+            prev = json.load(f)
+        if prev.get("key") == key:
+            log.info("%s: reusing the finished run in %s", label, run_dir)
+            result = prev["result"]
+            result["_images"] = list(np.load(images_path, allow_pickle=False))
+            return result
+    settings = EvalSettings(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in job["settings"].items()})
+    if evaluator is None:
+        evaluator = make_evaluator(job["shards"], job["condition"], job["train_common"], settings, job["seed"],
+                                   job["annotator_options"])
+    result = run_method(entry, base_dir=job["base_dir"], shards=job["shards"], train_common=job["train_common"],
+                        evaluator=evaluator, settings=settings, out=job["out"], seed=job["seed"], condition=job["condition"])
+    if "_images" in result:
+        np.save(images_path, np.stack(result["_images"]), allow_pickle=False)
+        with open(stamp + ".tmp", "w") as f:
+            json.dump({"key": key, "result": {k: v for k, v in result.items() if not k.startswith("_")}}, f, indent=2,
+                      default=str)
+        os.replace(stamp + ".tmp", stamp)
+    return result
+
+
+def make_evaluator(shards: dict, condition: str, train_common: dict, settings: EvalSettings, seed: int,
+                   annotator_options: dict | None) -> "Evaluator":
+    """The held-out samples, the fidelity meter and the fixed sampling noise."""
+    from training.data import SampleSpec, load_validation_samples
+    from training.fidelity import FidelityMeter
+
+    resolution = int(train_common.get("resolution", 512))
+    samples = load_validation_samples(shards["val"], SampleSpec((condition,), resolution), settings.num_images)
+    if not samples:
+        raise UsageError("no held-out samples could be read from the val shards")
+    meter = FidelityMeter(condition, annotator_options, tolerance=settings.tolerance)
+    return Evaluator(samples, meter, settings, seed)
+
+
+def resolve_gpus(value) -> int:
+    """``gpus`` of the config: how many methods train at once, one per GPU
+    (0 or "all": every visible GPU; never more than there are)."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    want = have if value in (0, "all", None) else int(value)
+    if want < 0:
+        raise UsageError(f"gpus must be >= 0 or 'all', not {value!r}")
+    return max(1, min(want, have)) if have else 1
+
+
+def _pin_gpu(gpu: int) -> None:
+    # Runs first in a fresh (spawned) worker, before CUDA is initialised there.
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s gpu{gpu} %(name)s: %(message)s")
+
+
+def run_parallel(entries: list[dict], job: dict, gpus: int, finished) -> None:
+    """Train the methods ``gpus`` at a time, each alone on its own GPU (so its
+    step time and peak memory are its own), in spawned worker processes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    pools = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in range(gpus)]
+    log.info("training %d methods, %d at a time on %d GPUs", len(entries), gpus, gpus)
+    try:
+        queue = list(enumerate(entries))
+        running = {}
+        free = list(range(gpus))
+        while queue or running:
+            while queue and free:
+                g = free.pop(0)
+                i, entry = queue.pop(0)
+                running[pools[g].submit(method_result, entry, job)] = (i, g)
+            ready, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in ready:
+                i, g = running.pop(fut)
+                free.append(g)
+                finished(i, fut.result())
+    finally:
+        for p in pools:
+            p.shutdown(wait=True, cancel_futures=True)
+
+
 @torch.no_grad()
 def reference_scores(base_dir: str, evaluator: Evaluator, dtype_name: str) -> tuple[dict, list[np.ndarray]]:
     """Fidelity of the targets themselves, of their VAE reconstructions (the
@@ -534,9 +634,6 @@ def reference_scores(base_dir: str, evaluator: Evaluator, dtype_name: str) -> tu
 def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") -> dict:
     """Run the comparison described by ``cfg`` (a loaded compare config);
     returns the results (also written to ``results.json``)."""
-    from training.data import SampleSpec, load_validation_samples
-    from training.fidelity import FidelityMeter
-
     check_config(cfg)
     out = output_dir or cfg.get("output_dir") or "compare-out"
     os.makedirs(out, exist_ok=True)
@@ -548,12 +645,8 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
 
     shards = prepare_data(cfg, out)
     base_dir, pretrain_summary = prepare_base(cfg, out, shards, train_common)
-    resolution = int(train_common.get("resolution", 512))
-    samples = load_validation_samples(shards["val"], SampleSpec((condition,), resolution), settings.num_images)
-    if not samples:
-        raise UsageError("no held-out samples could be read from the val shards")
-    meter = FidelityMeter(condition, cfg.get("annotator_options"), tolerance=settings.tolerance)
-    evaluator = Evaluator(samples, meter, settings, seed)
+    evaluator = make_evaluator(shards, condition, train_common, settings, seed, cfg.get("annotator_options"))
+    samples, meter = evaluator.captions, evaluator.meter
     refs, base_images = reference_scores(base_dir, evaluator, train_common.get("mixed_precision", "auto"))
     log.info("reference fidelity: %s", refs)
 
@@ -577,17 +670,26 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
             "config": cfg,
         }
 
-    results = []
-    for i, entry in enumerate(cfg["methods"]):
-        results.append(run_method(entry, base_dir=base_dir, shards=shards, train_common=train_common,
-                                  evaluator=evaluator, settings=settings, out=out, seed=seed, condition=condition))
-        if i + 1 < len(cfg["methods"]):
+    job = make_job(cfg, base_dir, pretrain_summary, shards, out)
+    done: dict[int, dict] = {}
+
+    def finished(i: int, result: dict) -> None:
+        done[i] = result
+        if len(done) < len(cfg["methods"]):
             # a long comparison leaves a readable report after every method,
             # so an interrupted run still shows what it measured
-            partial = summarise(results, partial=True)
+            partial = summarise([done[k] for k in sorted(done)], partial=True)
             with open(os.path.join(out, "results.json"), "w") as f:
                 json.dump(partial, f, indent=2, default=str)
             write_report(partial, out)
+
+    gpus = resolve_gpus(cfg.get("gpus", 1))
+    if gpus > 1 and len(cfg["methods"]) > 1:
+        run_parallel(cfg["methods"], job, gpus, finished)
+    else:
+        for i, entry in enumerate(cfg["methods"]):
+            finished(i, method_result(entry, job, evaluator))
+    results = [done[k] for k in sorted(done)]
 
     n = settings.grid_images
     columns = [("condition", evaluator.cond_maps[:n]), ("target", evaluator.targets[:n]), ("base", base_images[:n])]
