@@ -1,4 +1,4 @@
-"""Subcommands ``train``, ``generate``, ``base`` and ``compare`` of the controlset command line."""
+"""Subcommands ``train``, ``cache-latents``, ``generate``, ``base`` and ``compare`` of the controlset command line."""
 
 from __future__ import annotations
 
@@ -20,6 +20,29 @@ def register(subparsers) -> None:
     )
     add_arguments(p)
     p.set_defaults(func=_train)
+
+    k = subparsers.add_parser(
+        "cache-latents",
+        help="write shards that also carry VAE latents and text embeddings, so training skips both encoders",
+        description="Read controlset shards and write new ones (same file names, in --output-dir) that keep every "
+        "member and add latents.npy (the VAE latent distribution of the centre crop and of its mirror), "
+        "text_embeds.npy (the caption's text-encoder output) and latents.json (resolution, crop, base "
+        "fingerprint). Train on them with controlset train --cached-latents auto|on. See docs/training.md.",
+    )
+    k.add_argument("--base", required=True, help="the Stable Diffusion base training will use (diffusers folder or single file)")
+    k.add_argument("--base-config", help="for a single-file --base: local diffusers folder with the configs")
+    k.add_argument("--base-original-config", help="for a single-file --base: the original LDM inference yaml")
+    k.add_argument("--shards", required=True, nargs="+", help="input shards: paths, globs, {000..099} patterns, fsspec URLs")
+    k.add_argument("--output-dir", required=True, help="folder (or fsspec URL) for the cached shards and cache.json")
+    k.add_argument("--resolution", type=int, default=512, help="training resolution (the centre crop is cached)")
+    k.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (the VAE sees twice as many)")
+    k.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                   help="encoder precision (auto: bf16 on GPU, fp32 on CPU); stored as float16 either way")
+    k.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if available)")
+    k.add_argument("--condition", nargs="+", default=[],
+                   help="condition(s) training will read; samples without them are left out")
+    k.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    k.set_defaults(func=_cache_latents)
 
     g = subparsers.add_parser("generate", help="generate images with a trained ControlNet")
     g.add_argument("--controlnet", required=True, help="diffusers ControlNet folder (e.g. OUTPUT_DIR/controlnet)")
@@ -69,6 +92,20 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     summary = train(config_from_args(args))
     if summary.get("rank", 0) == 0:
         print(json.dumps(summary))
+    return 0
+
+
+def _cache_latents(args: argparse.Namespace, extra: list[str]) -> int:
+    from training.cache import cache_shards
+
+    conditions = [c.strip() for item in args.condition for c in item.split(",") if c.strip()]
+    summary = cache_shards(
+        args.base, args.shards, args.output_dir, resolution=args.resolution, batch_size=args.batch_size,
+        mixed_precision=args.mixed_precision, device=args.device, conditions=conditions, workers=args.workers,
+        base_config=args.base_config, base_original_config=args.base_original_config,
+    )
+    summary.pop("shards")  # per-shard counts are in OUTPUT_DIR/cache.json
+    print(json.dumps(summary))
     return 0
 
 

@@ -43,6 +43,9 @@ class TrainConfig:
     proportion_empty_prompts: float = _f(0.5, "fraction of captions replaced by the empty prompt")
     random_flip: bool = _f(True, "random horizontal flip of image and condition together")
     center_crop: bool = _f(False, "centre crop instead of random crop")
+    cached_latents: str = _f("auto", "latents and text embeddings written into the shards by `controlset cache-latents`: "
+                             "auto (use them when the shards carry them), on (require them) or off (run the VAE and "
+                             "text encoder every step); cached latents are of the centre crop")
     shuffle_buffer: int = _f(1000, "samples in the shuffle buffer of each data stream")
     resampled: bool = _f(False, "draw shards with replacement instead of epochs over all shards")
     dataloader_num_workers: int = _f(2, "DataLoader worker processes per GPU (0 = in the main process)")
@@ -87,6 +90,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.unlock_at, str):
             self.unlock_at = parse_unlock(self.unlock_at)
+        if isinstance(self.cached_latents, bool):  # YAML reads a bare on / off as a boolean
+            self.cached_latents = "on" if self.cached_latents else "off"
         for name in ("shards", "condition", "validation_shards"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -107,6 +112,8 @@ class TrainConfig:
             raise UsageError("--condition needs at least one condition name")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise UsageError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.cached_latents not in ("auto", "on", "off"):
+            raise UsageError(f"--cached-latents must be auto, on or off, got {self.cached_latents!r}")
         if self.lr_scheduler not in ("constant", "constant_with_warmup", "linear", "cosine"):
             raise UsageError(f"unknown --lr-scheduler {self.lr_scheduler!r}")
         if self.resolution % 8:

@@ -112,6 +112,11 @@ class SampleSpec:
     random_flip: bool = True
     center_crop: bool = False
     proportion_empty_prompts: float = 0.5
+    #: Read latents and text embeddings cached in the shards (see
+    #: :mod:`training.cache`) instead of the image; crops are then centred.
+    cached: bool = False
+    #: Base fingerprint the cached members must carry (``cached`` only).
+    cache_fingerprint: str | None = None
 
 
 def _decode(data: bytes, mode: str):
@@ -122,37 +127,68 @@ def _decode(data: bytes, mode: str):
     return im.convert(mode)
 
 
+def _image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the image header, without decoding the pixels."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """Size after scaling the shorter side to ``resolution`` (before the square crop)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    if scale == 1.0:
+        return w, h
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
 def decode_sample(raw: dict, spec: SampleSpec, rng: np.random.Generator) -> dict:
     """One raw sample -> ``pixel_values`` (3xRxR float32 in [-1, 1]),
     ``conditioning`` (3K x R x R in [0, 1], K conditions each as RGB, stacked)
     and ``caption`` (replaced by "" with probability
     ``proportion_empty_prompts``). Crop and flip are drawn once and applied to
-    the image and every condition alike."""
+    the image and every condition alike.
+
+    With ``spec.cached`` the image is not decoded: the sample gives instead
+    ``latents`` (the cached latent distribution of the centre crop, flipped
+    or not as the condition is), ``text_embeds`` (the caption's cached
+    embedding) and ``empty_prompt`` (whether the prompt is dropped); the crop
+    is always centred, since the cache holds the centre crop only."""
     from PIL import Image
 
-    image = _decode(raw[IMAGE_MEMBER], "RGB")
+    cached = spec.cached
+    if cached:
+        from training.cache import read_cached
+
+        moments, text_embeds = read_cached(raw, resolution=spec.resolution, fingerprint=spec.cache_fingerprint)
+        image_size = _image_size(raw[IMAGE_MEMBER])
+        image = None
+    else:
+        image = _decode(raw[IMAGE_MEMBER], "RGB")
+        image_size = image.size
     conds = []
     for name in spec.conditions:
         member = condition_member(name)
         if member not in raw:
             raise KeyError(f"sample has no {member} member")
         cond = _decode(raw[member], "RGB")  # edge maps are L; 3 channels like ControlNet's inputs
-        if cond.size != image.size:
-            raise ValueError(f"{member} is {cond.size}, image is {image.size}")
+        if cond.size != image_size:
+            raise ValueError(f"{member} is {cond.size}, image is {image_size}")
         conds.append(cond)
     caption = raw.get(TEXT_MEMBER, b"").decode("utf-8").strip()
 
     # Resize the shorter side to the resolution, then crop a square.
     r = spec.resolution
-    w, h = image.size
-    scale = r / min(w, h)
-    if scale != 1.0:
-        size = (max(r, round(w * scale)), max(r, round(h * scale)))
-        image = image.resize(size, Image.BICUBIC)
+    size = resized_size(image_size, r)
+    if size != image_size:
+        if image is not None:
+            image = image.resize(size, Image.BICUBIC)
         # Nearest keeps edge maps binary and segmentation labels exact.
         conds = [c.resize(size, Image.NEAREST) for c in conds]
-        w, h = size
-    if spec.center_crop:
+    w, h = size
+    if spec.center_crop or cached:
         left, top = (w - r) // 2, (h - r) // 2
     else:
         left, top = int(rng.integers(0, w - r + 1)), int(rng.integers(0, h - r + 1))
@@ -165,9 +201,15 @@ def decode_sample(raw: dict, spec: SampleSpec, rng: np.random.Generator) -> dict
             a = a[:, ::-1]
         return np.ascontiguousarray(a.transpose(2, 0, 1)) / 255.0
 
-    pixel = prep(image) * 2.0 - 1.0
-    cond = np.concatenate([prep(c) for c in conds], axis=0)
-    return {"pixel_values": pixel, "conditioning": cond, "caption": "" if empty else caption, "key": raw["__key__"]}
+    cond = np.concatenate([prep(c) for c in conds], axis=0) if conds else np.zeros((0, r, r), np.float32)
+    out = {"conditioning": cond, "caption": "" if empty else caption, "key": raw["__key__"]}
+    if cached:
+        out["latents"] = moments[1 if flip else 0]
+        out["text_embeds"] = text_embeds
+        out["empty_prompt"] = empty
+    else:
+        out["pixel_values"] = prep(image) * 2.0 - 1.0
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -331,8 +373,7 @@ class ShardStream(tud.IterableDataset):
 
     @staticmethod
     def _collate(items: list[dict], stream: int, rnd: int, index: int, skipped: int) -> dict:
-        return {
-            "pixel_values": torch.from_numpy(np.stack([i["pixel_values"] for i in items])),
+        batch = {
             "conditioning": torch.from_numpy(np.stack([i["conditioning"] for i in items])),
             "captions": [i["caption"] for i in items],
             "keys": [i["key"] for i in items],
@@ -341,6 +382,13 @@ class ShardStream(tud.IterableDataset):
             "index": index,
             "skipped": skipped,
         }
+        if "latents" in items[0]:  # cached: see training.cache.cached_inputs
+            batch["latents"] = torch.from_numpy(np.stack([i["latents"] for i in items]))
+            batch["text_embeds"] = torch.from_numpy(np.stack([i["text_embeds"] for i in items]))
+            batch["empty_prompt"] = torch.tensor([i["empty_prompt"] for i in items], dtype=torch.bool)
+        else:
+            batch["pixel_values"] = torch.from_numpy(np.stack([i["pixel_values"] for i in items]))
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = tud.get_worker_info()

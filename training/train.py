@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from schemas.errors import UsageError
+from training.cache import cached_inputs, empty_prompt_embedding, resolve_cached_latents
 from training.config import TrainConfig
 from training.data import DataState, SampleSpec, ShardStream, expand_shards, load_validation_samples, make_loader
 from training.models import Base, ConditioningMethod, build_method, encode_images, encode_prompts, load_base
@@ -279,6 +280,9 @@ def train(cfg: TrainConfig, callback=None) -> dict:
     if device.type == "cuda" and cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":
+        # every step has the same shapes: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     os.makedirs(cfg.output_dir, exist_ok=True)
     torch.manual_seed(cfg.seed + d.rank)
 
@@ -294,8 +298,25 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         raise UsageError(f"--controlnet initialises a ControlNet; --method {cfg.method} has none")
     if cfg.unlock_at is not None and not method.can_unlock:
         raise UsageError(f"--method {cfg.method} trains the whole UNet already: --unlock-at does not apply")
-    base.vae.requires_grad_(False).to(device, dtype=dtype).eval()
-    base.text_encoder.requires_grad_(False).to(device, dtype=dtype).eval()
+    # Cached latents (``--cached-latents``): checked against this base before
+    # its frozen parts are cast.
+    shard_urls = expand_shards(cfg.shards)
+    cache_fingerprint = resolve_cached_latents(cfg.cached_latents, shard_urls, base, cfg.resolution)
+    cached = cache_fingerprint is not None
+    validating = bool(cfg.validation_steps and cfg.validation_shards)
+    base.vae.requires_grad_(False).eval()
+    base.text_encoder.requires_grad_(False).eval()
+    empty_embedding = None
+    if cached:
+        log.info("reading cached latents and text embeddings from the shards%s",
+                 "" if cfg.center_crop else " (centre crops: random crops need --cached-latents off)")
+        base.text_encoder.to(device, dtype=dtype)
+        empty_embedding = empty_prompt_embedding(base, device, dtype)
+    if not cached or validating or callback is not None:
+        base.vae.to(device, dtype=dtype)
+        base.text_encoder.to(device, dtype=dtype)
+    else:  # neither runs again: keep them off the accelerator
+        base.text_encoder.to("cpu")
     method.cast_frozen(dtype, will_unlock=cfg.unlock_at is not None)
     method.to(device)
     if cfg.channels_last:
@@ -349,15 +370,16 @@ def train(cfg: TrainConfig, callback=None) -> dict:
     model = wrap(method)
 
     # Data.
-    spec = SampleSpec(tuple(cfg.condition), cfg.resolution, cfg.random_flip, cfg.center_crop, cfg.proportion_empty_prompts)
+    spec = SampleSpec(tuple(cfg.condition), cfg.resolution, cfg.random_flip, cfg.center_crop, cfg.proportion_empty_prompts,
+                      cached=cached, cache_fingerprint=cache_fingerprint)
     stream = ShardStream(
-        expand_shards(cfg.shards), spec, cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+        shard_urls, spec, cfg.train_batch_size, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
         num_workers=cfg.dataloader_num_workers, shuffle_buffer=cfg.shuffle_buffer, resampled=cfg.resampled,
         state=DataState.from_dict(state.data.to_dict()),
     )
     batches = iter(make_loader(stream))
     val_samples = []
-    if cfg.validation_steps and cfg.validation_shards and d.main:
+    if validating and d.main:
         val_samples = load_validation_samples(cfg.validation_shards, spec, cfg.num_validation_images)
     elif cfg.validation_steps and d.main:
         log.info("no --validation-shards: skipping validation")
@@ -377,6 +399,20 @@ def train(cfg: TrainConfig, callback=None) -> dict:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": 0, **extra}) + "\n")
         method.train()
+
+    scaling_factor = base.vae.config.scaling_factor
+
+    def model_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one place a batch becomes (latents, text embeddings), for every
+        method: cached members, or the VAE and text encoder run now. Both
+        routes draw the latent sample from ``generator`` first."""
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if "latents" in batch:
+                return cached_inputs(batch, generator, device, scaling_factor=scaling_factor,
+                                     empty_embedding=empty_embedding, dtype=dtype)
+            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            latents = encode_images(base, pixels, generator).float()
+            return latents, encode_prompts(base, batch["captions"], device)
 
     last = time.perf_counter()
     while state.step < cfg.max_train_steps:
@@ -399,13 +435,10 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         for micro in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
             state.data.update(batch)
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
             cond = batch["conditioning"].to(device, non_blocking=True)
             if cfg.channels_last:
                 cond = cond.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                latents = encode_images(base, pixels, generator).float()
-                text = encode_prompts(base, batch["captions"], device)
+            latents, text = model_inputs(batch)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, t)
