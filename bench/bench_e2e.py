@@ -157,6 +157,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--caption-beams", type=int, default=3, help="BLIP beam width (the annotator's default: 3)")
     ap.add_argument("--processes", type=int, default=0,
                     help="one GPU: N worker processes, each with its own models, instead of threads")
+    ap.add_argument("--gpu-threads", type=int, default=2,
+                    help="GPU annotators side by side per worker (the pipeline's --gpu-threads)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     args = ap.parse_args(argv)
@@ -179,6 +181,7 @@ def main(argv=None) -> dict:
         inputs=(str(work / "in"),), output=str(work / "out"),
         annotators=tuple((n, models[n]) for n in names),
         resolution=args.resolution, shard_size=args.shard_size, gpus=args.gpus, min_size=min(256, args.side),
+        gpu_threads=args.gpu_threads,
     )
     if args.gpus:
         beam_args = []
@@ -217,6 +220,7 @@ def main(argv=None) -> dict:
         "images": args.images,
         "beam_args": beam_args,
         "caption_beams": args.caption_beams,
+        "gpu_threads": args.gpu_threads,
         "resolution": args.resolution,
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
         "pipeline_seconds": round(wall, 2),

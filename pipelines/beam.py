@@ -158,17 +158,19 @@ class ShardFn(beam.DoFn):
         try:
             # Decoding batch k+1 overlaps annotating batch k (PIL, OpenCV and
             # zlib release the GIL); results keep the key order throughout.
+            # Encoding batch k (on the io threads) overlaps annotating batch k+1.
             upcoming = self.models.prefetch.submit(self._decode, batches[0]) if batches else None
+            encoding = None
             for k, batch in enumerate(batches):
                 decoded = upcoming.result()
                 if k + 1 < len(batches):
                     upcoming = self.models.prefetch.submit(self._decode, batches[k + 1])
-                for result in self._annotate(decoded, name, io):
-                    if isinstance(result, FailureRecord):
-                        writer.add_failure(result)
-                    else:
-                        writer.add(result)
-                self.progress.advance(len(batch))
+                staged = self._annotate(decoded, name, io)
+                if encoding is not None:
+                    self._write(*encoding, writer)
+                encoding = (staged, len(batch))
+            if encoding is not None:
+                self._write(*encoding, writer)
         except BaseException:
             writer.abort()
             raise
@@ -181,14 +183,16 @@ class ShardFn(beam.DoFn):
         return list(self.models.io_pool.map(lambda c: decode_candidate(c, self.opts), cands))
 
     def _annotate(self, decoded: list, name: str, io) -> list:
-        """Results for a key-ordered batch, in the same order. Counters are
-        updated here, on the bundle's thread (Beam's metrics are per thread)."""
+        """Annotate a key-ordered batch and start encoding it: (kind, future)
+        per input, in the same order. Counters are updated on the bundle's
+        thread (Beam's metrics are per thread), here and in :meth:`_write`."""
         ok = [d for d in decoded if not isinstance(d, FailureRecord)]
         self.decoded.inc(len(ok))
         self.decode_failed.inc(len(decoded) - len(ok))
         timings: dict[str, float] = {}
         with self.models.lock:
-            annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool))
+            annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool,
+                                              self.models.gpu_pool))
         for ann_name, seconds in timings.items():
             Metrics.counter(NS, f"ms_{ann_name}").inc(int(seconds * 1000))
 
@@ -200,17 +204,24 @@ class ShardFn(beam.DoFn):
                 dec, annotations, self.annotators, self.opts, name)
 
         staged = [("failed", d) if isinstance(d, FailureRecord) else ("ok", next(annotated)) for d in decoded]
-        out = list(io.map(finish, staged))
-        for (kind, _), result in zip(staged, out):
-            if kind == "failed":
-                continue
-            if not isinstance(result, FailureRecord):
-                self.annotated.inc()
-            elif result.stage == "gate":
-                self.gated.inc()
+        return [(kind, io.submit(finish, (kind, d))) for kind, d in staged]
+
+    def _write(self, staged: list, n: int, writer: ShardWriter) -> None:
+        """Collect a batch's encoded samples in key order into the shard."""
+        for kind, fut in staged:
+            result = fut.result()
+            if kind == "ok":
+                if not isinstance(result, FailureRecord):
+                    self.annotated.inc()
+                elif result.stage == "gate":
+                    self.gated.inc()
+                else:
+                    self.failed.inc()
+            if isinstance(result, FailureRecord):
+                writer.add_failure(result)
             else:
-                self.failed.inc()
-        return out
+                writer.add(result)
+        self.progress.advance(n)
 
 
 class LoadedAnnotators:
@@ -238,6 +249,9 @@ class LoadedAnnotators:
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
         cpu = [a for a in self.annotators if not a.uses_gpu]
         self.pool = ThreadPoolExecutor(max_workers=len(cpu)) if cpu and len(cpu) < len(self.annotators) else None
+        gpu = len(self.annotators) - len(cpu)
+        threads = min(opts.gpu_threads, gpu)
+        self.gpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="controlset-gpu") if threads > 1 else None
 
 
 _CLAIMED_GPU: int | None = None

@@ -130,14 +130,19 @@ def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results():
     with ThreadPoolExecutor(2) as pool:
         timings: dict[str, float] = {}
         overlapped = annotate_decoded(batch, anns, batch_sizes={"canny": 4}, timings=timings, pool=pool)
+        with ThreadPoolExecutor(2) as gpu_pool:
+            # annotators side by side on the "GPU" threads too (all of them when there is no CPU pool)
+            side_by_side = annotate_decoded(batch, anns, batch_sizes={"canny": 4}, pool=pool, gpu_pool=gpu_pool)
+            all_threads = annotate_decoded(batch, anns, batch_sizes={"canny": 4}, gpu_pool=gpu_pool)
     assert set(timings) == {"flaky_test", "canny", "hough"}
-    for i, (a, b) in enumerate(zip(plain, overlapped)):
-        if i == 3:
-            assert a.reason == b.reason == "annotator_error" and "flaky_test" in a.message
-            continue
-        for name in ("canny", "hough", "flaky_test"):
-            for member, value in a[1][name].members.items():
-                np.testing.assert_array_equal(value, b[1][name].members[member])
+    for other in (overlapped, side_by_side, all_threads):
+        for i, (a, b) in enumerate(zip(plain, other)):
+            if i == 3:
+                assert a.reason == b.reason == "annotator_error" and "flaky_test" in a.message
+                continue
+            for name in ("canny", "hough", "flaky_test"):
+                for member, value in a[1][name].members.items():
+                    np.testing.assert_array_equal(value, b[1][name].members[member])
 
 
 def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
