@@ -344,8 +344,9 @@ def test_compare_reuses_base_and_is_seeded(compare_run, tmp_path):
 
 
 def test_compare_methods_in_parallel_workers(compare_run, tmp_path):
-    """Methods trained in separate worker processes (one per GPU on a GPU
-    machine; here two CPU workers) give the same rows as the sequential run."""
+    """Methods trained in separate worker processes (here two at once on the
+    CPU, as ``methods_per_gpu: 2`` does on one GPU) give the same rows as the
+    sequential run."""
     from training.compare import load_config, make_job, run_parallel
 
     cfg = load_config(TINY_CONFIG)
@@ -354,12 +355,12 @@ def test_compare_methods_in_parallel_workers(compare_run, tmp_path):
     job = make_job(cfg, os.path.join(compare_run["out"], "base", "pretrained"), first["pretraining"],
                    _shards(compare_run["out"]), str(tmp_path / "par"))
     rows: dict[int, dict] = {}
-    run_parallel(entries, job, 2, lambda i, r: rows.__setitem__(i, r))
+    run_parallel(entries, job, 1, lambda i, r: rows.__setitem__(i, r), per_gpu=2)
     assert sorted(rows) == [0, 1]
     for i, entry in enumerate(entries):
         seq = next(m for m in first["methods"] if m["label"] == entry["label"])
         par = rows[i]
-        assert par["label"] == entry["label"] and len(par["_images"]) > 0
+        assert par["label"] == entry["label"] and len(par["_images"]) > 0 and par["shared_gpu_with"] == 1
         assert [p["step"] for p in par["curve"]] == [p["step"] for p in seq["curve"]]
         assert [p["heldout_loss"] for p in par["curve"]] == pytest.approx([p["heldout_loss"] for p in seq["curve"]], rel=1e-4)
         assert os.path.exists(os.path.join(job["out"], "runs", par["run_dir"].split(os.sep)[-1], "result.json"))

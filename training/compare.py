@@ -41,7 +41,7 @@ from schemas.errors import UsageError
 log = logging.getLogger(__name__)
 
 _TOP_KEYS = {"output_dir", "seed", "condition", "task", "data", "base", "train", "eval", "methods", "annotator_options",
-             "gpus"}
+             "gpus", "methods_per_gpu"}
 _TASK_KEYS = {"kind", "n_train", "n_val", "size", "per_shard"}
 _BASE_KEYS = {"pretrained", "preset", "seed", "autoencoder", "text_to_image"}
 _AE_KEYS = {"steps", "batch_size", "learning_rate", "kl_weight"}
@@ -573,29 +573,34 @@ def _pin_gpu(gpu: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s gpu{gpu} %(name)s: %(message)s")
 
 
-def run_parallel(entries: list[dict], job: dict, gpus: int, finished) -> None:
-    """Train the methods ``gpus`` at a time, each alone on its own GPU (so its
-    step time and peak memory are its own), in spawned worker processes."""
+def run_parallel(entries: list[dict], job: dict, gpus: int, finished, per_gpu: int = 1) -> None:
+    """Train the methods in spawned worker processes, ``per_gpu`` at a time on
+    each of ``gpus`` GPUs. With one per GPU each method has its card to itself
+    (its step time and peak memory are its own); several per GPU fill a card
+    that one small model's launch-bound steps leave mostly idle."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("spawn")
-    pools = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in range(gpus)]
-    log.info("training %d methods, %d at a time on %d GPUs", len(entries), gpus, gpus)
+    slots = [g for _ in range(per_gpu) for g in range(gpus)]  # spread over the GPUs first
+    pools = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in slots]
+    log.info("training %d methods, %d at a time on %d GPU(s)", len(entries), len(slots), gpus)
     try:
         queue = list(enumerate(entries))
         running = {}
-        free = list(range(gpus))
+        free = list(range(len(slots)))
         while queue or running:
             while queue and free:
-                g = free.pop(0)
+                slot = free.pop(0)
                 i, entry = queue.pop(0)
-                running[pools[g].submit(method_result, entry, job)] = (i, g)
+                running[pools[slot].submit(method_result, entry, job)] = (i, slot)
             ready, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in ready:
-                i, g = running.pop(fut)
-                free.append(g)
-                finished(i, fut.result())
+                i, slot = running.pop(fut)
+                free.append(slot)
+                result = fut.result()
+                result["shared_gpu_with"] = per_gpu - 1
+                finished(i, result)
     finally:
         for p in pools:
             p.shutdown(wait=True, cancel_futures=True)
@@ -684,8 +689,11 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
             write_report(partial, out)
 
     gpus = resolve_gpus(cfg.get("gpus", 1))
-    if gpus > 1 and len(cfg["methods"]) > 1:
-        run_parallel(cfg["methods"], job, gpus, finished)
+    per_gpu = int(cfg.get("methods_per_gpu", 1))
+    if per_gpu < 1:
+        raise UsageError(f"methods_per_gpu must be >= 1, not {per_gpu}")
+    if (gpus > 1 or per_gpu > 1) and len(cfg["methods"]) > 1:
+        run_parallel(cfg["methods"], job, gpus, finished, per_gpu)
     else:
         for i, entry in enumerate(cfg["methods"]):
             finished(i, method_result(entry, job, evaluator))
@@ -765,7 +773,10 @@ def write_report(summary: dict, out: str) -> str:
         "",
         "Steps to threshold are counted at the evaluation points (every "
         f"{summary['eval']['every']} steps). Step time is the median optimiser step without evaluations; "
-        "peak memory is the CUDA allocator's peak during training steps.",
+        "peak memory is the CUDA allocator's peak during training steps."
+        + (f" Methods trained {shared + 1} at a time on each GPU (`methods_per_gpu`), so their step times "
+           "include that sharing; compare them with each other, not with a method alone on a GPU."
+           if (shared := max((r.get("shared_gpu_with") or 0) for r in summary["methods"])) else ""),
         "",
         "![convergence](convergence.png)",
         "",
