@@ -411,3 +411,103 @@ def test_weights_cli(tmp_path, weights_dir):
     assert len(out.stderr.strip().splitlines()) == 1
     out = run("fetch", "nonsense")
     assert out.returncode == 2 and "valid" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# OpenPose association on crowded maps, and its fixed-size device outputs.
+
+
+def _crowded_maps(geo, seed: int):
+    """Sparse random heatmaps (~50 peaks per part) and random part-affinity
+    fields: ~47000 candidate limbs, several hundred passing, dozens of
+    people assembled, merged and dropped (and more peaks than the device
+    outputs have room for at first)."""
+    g = torch.Generator().manual_seed(seed)
+    heat = ((torch.rand((1, 19, geo.oh, geo.ow), generator=g) - 0.9).clamp(min=0) * 8).float()
+    paf = ((torch.rand((1, 38, geo.oh, geo.ow), generator=g) * 2 - 1) * 1.5).float()
+    return paf, heat
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_openpose_association_matches_reference_on_crowded_maps(seed, weights_dir, monkeypatch):
+    """controlnet-aux's own peak search, limb scoring, matching and person
+    assembly against ours on crowded maps. Both sides get the same network
+    maps; the reference's OpenCV float32 resampling of those maps is replaced
+    by the same linear maps in float64 (``resize_matrix``), so that borderline
+    float32 roundings cannot hide or fake a difference in the association."""
+    from controlnet_aux.open_pose import body as ref_body
+    from controlnet_aux.open_pose import util as ref_util
+    from controlnet_aux.open_pose.model import bodypose_model
+
+    from annotators import openpose as OP
+
+    folder, _ = weights_dir
+    h, w = 128, 192
+    geo = OP.BodyGeometry(h, w)
+    paf, heat = _crowded_maps(geo, seed)
+    monkeypatch.setattr(bodypose_model, "forward", lambda self, x: (paf.to(x.dtype), heat.to(x.dtype)))
+
+    def exact(original, size_of):
+        def resize(x, *args, **kw):
+            if x.ndim != 3 or x.shape[2] not in (19, 38):
+                return original(x, *args, **kw)  # the image itself
+            ho, wo = x.shape[:2]
+            ht, wt = size_of(ho, wo, *args, **kw)
+            interp = OP.smart_interp((ho, wo), (ht, wt))
+            my, mx = OP.resize_matrix(ho, int(ht), interp), OP.resize_matrix(wo, int(wt), interp)
+            return np.einsum("yi,ijc,xj->yxc", my, x.astype(np.float64), mx, optimize=True)
+
+        return resize
+
+    monkeypatch.setattr(ref_util, "smart_resize_k", exact(ref_util.smart_resize_k, lambda ho, wo, fx, fy: (ho * fy, wo * fx)))
+    monkeypatch.setattr(ref_util, "smart_resize", exact(ref_util.smart_resize, lambda ho, wo, s: s))
+    image = _photos()[0]
+    assert image.shape[:2] == (h, w)
+    candidate, subset = ref_body.Body(os.path.join(folder, "body_pose_model.pth"))(image)
+    assert len(candidate) > 18 * 30 and len(subset) >= 20, "the maps should be crowded"
+
+    ours = create_annotator("openpose", weights=folder, device="cpu")
+    doc = ours(image).members["openpose.json"]
+    assert len(doc["people"]) == len(subset)
+    for row, person in zip(subset, doc["people"]):
+        kp = np.array(person["pose_keypoints_2d"]).reshape(18, 3)
+        for part in range(18):
+            if row[part] < 0:
+                assert kp[part, 2] == 0
+            else:
+                x, y, score = candidate[int(row[part])][:3]
+                assert (kp[part, 0], kp[part, 1]) == (x, y)
+                assert abs(kp[part, 2] - round(score, 4)) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mlsd", "openpose"])
+def test_chunks_and_device_room_do_not_change_outputs(name, weights_dir, monkeypatch):
+    """Pipeline chunks of 1 and 2 images, and (OpenPose) device outputs with
+    too little room for the peaks and candidate limbs found, which makes a
+    chunk be scored again: the same outputs as one chunk with room to spare."""
+    from annotators import openpose as OP
+
+    folder, _ = weights_dir
+    if name == "openpose":
+        from controlnet_aux.open_pose.model import bodypose_model
+
+        monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(192, 256))
+        images = [im for _, im in _skeleton_images()] * 2
+    else:
+        images = _photos() + [_photos()[0][:, ::-1].copy()]
+    want = create_annotator(name, weights=folder, device="cpu", chunk_size=len(images)).annotate_batch(images)
+    assert name == "mlsd" or sum(a.meta["people"] for a in want) == 2 * sum(len(s) for s in fx.SCENES.values())
+    monkeypatch.setattr(OP, "PEAK_ROOM", 4)
+    monkeypatch.setattr(OP, "PAIR_ROOM", 8)
+    for chunk in (1, 2):
+        ann = create_annotator(name, weights=folder, device="cpu", chunk_size=chunk)
+        got = ann.annotate_batch(images)
+        if name == "openpose":
+            assert ann.overflows >= 1 and ann._peak_room > 4  # room grew after the first chunk
+        for g, w_ in zip(got, want):
+            assert g.meta == w_.meta
+            for member, value in w_.members.items():
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(g.members[member], value)
+                else:
+                    assert g.members[member] == value
