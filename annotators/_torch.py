@@ -7,9 +7,12 @@ annotator is first used, not when the registry is listed.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,3 +87,69 @@ def keep_fp32(module: torch.nn.Module) -> torch.nn.Module:
 
 def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def batch_bucket(n: int) -> int:
+    """The batch size a compiled forward runs ``n`` images at: the next power
+    of two, so that the odd sizes of the last batches of a run share a few
+    compiled shapes instead of each compiling its own."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class CompiledForward:
+    """``fn(x) -> Tensor`` through ``torch.compile`` with fixed shapes.
+
+    ``fn`` maps a batch (first dimension = images) to a tensor with one row
+    per image, each row depending on its own image only. Batches are padded
+    to :func:`batch_bucket` sizes by repeating the last image and the padding
+    rows are dropped from the result, so a run compiles a handful of shapes.
+    Compilation happens at the first call of each shape; if it fails (no
+    compiler, an unsupported operation) a warning is logged once and ``fn``
+    runs eagerly from then on, so ``compile`` is never a reason for a run to
+    stop. ``backend`` is torch.compile's (inductor, the one that generates
+    fused kernels, unless a test asks for another).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str, backend: Any = "inductor") -> None:
+        self.fn = fn
+        self.what = what
+        self.error: str | None = None
+        try:
+            self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = torch.compile(
+                fn, dynamic=False, backend=backend
+            )
+        except Exception as exc:  # torch builds without dynamo support
+            self._fail(exc)
+
+    @property
+    def active(self) -> bool:
+        """True while the compiled path is in use (no failure so far)."""
+        return self._compiled is not None
+
+    def _fail(self, exc: BaseException) -> None:
+        self._compiled = None
+        self.error = _one_line(exc)
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if isinstance(inner, BaseException):  # dynamo wraps the backend's own error
+            self.error += f" {_one_line(inner)}"
+        log.warning("torch.compile of the %s failed (%s); running it eagerly", self.what, self.error)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self.fn(x)
+        n = int(x.shape[0])
+        size = batch_bucket(n)
+        padded = x if size == n else torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        try:
+            y = self._compiled(padded)
+        except torch.OutOfMemoryError:
+            raise  # not a compiler problem: the caller may retry smaller batches
+        except Exception as exc:  # compiler errors surface at the first call
+            self._fail(exc)
+            return self.fn(x)
+        return y if size == n else y[:n]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"

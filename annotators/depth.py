@@ -31,6 +31,15 @@ One forward pass for both
     ``depth`` and then ``normal`` over the same batch (same keys, same image
     arrays), the second annotator reuses the first one's prediction instead
     of running the network again.
+
+Speed
+    A batch larger than ``chunk_size`` runs in pieces, each queued on the
+    device (upload, forward, post-processing, asynchronous copy back) before
+    the host waits for the previous one, so that host and device work
+    overlap; nothing in that path waits for the device except the copy back
+    of the piece being finished. ``compile=True`` runs the forward pass
+    through ``torch.compile`` (about 1.5x the images/s of eager on an H200 at
+    batch 32 in bf16, after some 30 s of compilation per batch size).
 """
 
 from __future__ import annotations
@@ -96,13 +105,26 @@ def _normalize(depth: "torch.Tensor", bits: int) -> tuple["torch.Tensor", "torch
     return maps, torch.stack([lo, hi], 1)
 
 
+_SOBEL: dict[str, "torch.Tensor"] = {}
+
+
+def _sobel_kernels(device: "torch.device") -> "torch.Tensor":
+    # made once per device: a tensor built from a Python list is a blocking
+    # host-to-device copy, which would stall the queueing of later work
+    import torch
+
+    key = str(device)
+    if key not in _SOBEL:
+        kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+        _SOBEL[key] = torch.stack([kx, kx.t()])[:, None].to(device)
+    return _SOBEL[key]
+
+
 def _sobel(depth: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
     # cv2.Sobel(ksize=3) with its default BORDER_REFLECT_101 ("reflect" in torch).
-    import torch
     import torch.nn.functional as F
 
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=depth.device)
-    k = torch.stack([kx, kx.t()])[:, None]
+    k = _sobel_kernels(depth.device)
     padded = F.pad(depth[:, None].float(), (1, 1, 1, 1), mode="reflect")
     g = F.conv2d(padded, k)
     return g[:, 0], g[:, 1]
@@ -161,6 +183,7 @@ class DepthModel:
     GPU) stores the convolutional neck and head NHWC; the backbone keeps
     its layout (BiT's GroupNorm works on contiguous NCHW on the GPU, so
     NHWC there would add a transpose around every norm).
+    :meth:`enable_compile` switches the forward pass to ``torch.compile``.
     """
 
     def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
@@ -182,39 +205,83 @@ class DepthModel:
             convs = [m for m in getattr(net, "head", net).modules() if isinstance(m, torch.nn.Conv2d)]
             if convs and convs[-1].out_channels == 1:
                 keep_fp32(convs[-1])
+        self.compiled = None
         self._lock = threading.Lock()
         self._memo: tuple[tuple, list] | None = None
 
-    def predict(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list["torch.Tensor"]:
+    def enable_compile(self, backend: Any = "inductor") -> None:
+        """Run the forward pass through ``torch.compile`` from now on
+        (idempotent; falls back to eager with a warning if compiling fails)."""
+        from annotators._torch import CompiledForward
+
+        with self._lock:
+            if self.compiled is None:
+                self.compiled = CompiledForward(self._eager_forward, "depth model", backend)
+
+    def _eager_forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        return self.net(pixel_values=pixels).predicted_depth
+
+    def forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """B x 3 x h x w model input -> B x h' x w' raw predictions (float32)."""
+        run = self.compiled if self.compiled is not None else self._eager_forward
+        return run(pixels).float()
+
+    @staticmethod
+    def _ident(images: Sequence[np.ndarray], keys: Sequence[str]) -> tuple:
+        return (tuple(keys), tuple(id(im) for im in images), tuple(im.shape for im in images))
+
+    def recall(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list | None:
+        """The predictions memoised for exactly this batch, or None."""
+        ident = self._ident(images, keys)
+        with self._lock:
+            if self._memo is not None and self._memo[0] == ident:
+                return self._memo[1]
+        return None
+
+    def remember(self, images: Sequence[np.ndarray], keys: Sequence[str], preds: list) -> None:
+        """Memoise ``preds`` as the predictions of this batch."""
+        with self._lock:
+            # the memo holds the arrays themselves so their ids cannot be reused
+            self._memo = (self._ident(images, keys), preds)
+            self._memo_arrays = list(images)
+
+    def predict_into(self, preds: list, images: Sequence[np.ndarray], ids: Sequence[int]) -> None:
+        """Queue the forward pass of ``images[i]`` for ``i`` in ``ids`` and
+        store each prediction (a device tensor) in ``preds[i]``."""
         import torch
 
         from annotators.hf_models import model_batches
 
-        ident = (tuple(keys), tuple(id(im) for im in images), tuple(im.shape for im in images))
-        with self._lock:
-            if self._memo is not None and self._memo[0] == ident:
-                return self._memo[1]
-        out: list[torch.Tensor | None] = [None] * len(images)
         with torch.inference_mode():
-            for idx, pixels in model_batches(images, self.preprocess, self.device, self.dtype):
-                pred = self.net(pixel_values=pixels).predicted_depth.float()
+            for idx, pixels in model_batches([images[i] for i in ids], self.preprocess, self.device, self.dtype):
+                pred = self.forward(pixels)
                 for j, i in enumerate(idx):
-                    out[i] = pred[j]
-        with self._lock:
-            # the memo holds the arrays themselves so their ids cannot be reused
-            self._memo = (ident, out)
-            self._memo_arrays = list(images)
-        return out  # type: ignore[return-value]
+                    preds[ids[i]] = pred[j]
+
+    def predict(self, images: Sequence[np.ndarray], keys: Sequence[str]) -> list["torch.Tensor"]:
+        """Raw predictions of a batch (the memo when it is the last batch)."""
+        memo = self.recall(images, keys)
+        if memo is not None:
+            return memo
+        out: list = [None] * len(images)
+        self.predict_into(out, images, range(len(images)))
+        self.remember(images, keys, out)
+        return out
 
 
-def _depth_model(model: str, device: str | None, precision: str | None) -> DepthModel:
+def _depth_model(model: str, device: str | None, precision: str | None, compile: bool = False) -> DepthModel:
     from annotators._torch import resolve_device, resolve_precision
     from annotators.hf_models import resolve_model_name, shared
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     name = resolve_model_name(model, DEPTH_MODELS)
-    return shared(("depth", name, str(dev), str(dtype)), lambda: DepthModel(name, dev, dtype))
+    m = shared(("depth", name, str(dev), str(dtype)), lambda: DepthModel(name, dev, dtype))
+    if compile:
+        # one model (and one forward per batch) for depth and normal: the
+        # forward is compiled for both as soon as either asks for it
+        m.enable_compile()
+    return m
 
 
 def _stack_predictions(preds: Sequence["torch.Tensor"], images: Sequence[np.ndarray]):
@@ -223,6 +290,15 @@ def _stack_predictions(preds: Sequence["torch.Tensor"], images: Sequence[np.ndar
     for i, (p, im) in enumerate(zip(preds, images)):
         groups.setdefault((tuple(p.shape), im.shape[:2]), []).append(i)
     return groups
+
+
+#: Images per forward pass on a GPU: larger batches are split so that the
+#: host work of one piece (upload, copy back, building the results) overlaps
+#: the device work of the next. DPT-hybrid's forward runs 6 % slower at 16
+#: than at 32 images a pass, more than the overlap wins back (H200, bf16,
+#: eager: 645 images/s in pieces of 16 against 663 whole), so the default
+#: batch of 32 runs whole.
+GPU_CHUNK = 32
 
 
 class _MidasBase(Annotator):
@@ -237,13 +313,59 @@ class _MidasBase(Annotator):
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options
-            self._model = _depth_model(o["model"], o["device"], o["precision"])
+            self._model = _depth_model(o["model"], o["device"], o["precision"], o["compile"])
 
-    def _predict(self, images, keys):
+    def _annotate(self, images, keys, post, fill) -> list:
+        """Predict (or recall) the batch in pieces and post-process each piece.
+
+        ``post(raw, size)`` turns B x h x w raw predictions into device
+        tensors for images of ``size``; ``fill(out, ids, arrays)`` builds the
+        annotations from their host copies. Piece k+1 is queued on the device
+        before the host waits for piece k, so uploads, copies back and the
+        host's work hide behind the forward passes.
+        """
+        import torch
+
+        from annotators.hf_models import fetch_async, forward_chunk, group_by_size, run_pipelined, split_chunks
+
         self.setup()
+        m = self._model
         images = [check_image(im) for im in images]
         keys = list(keys) if keys is not None else [""] * len(images)
-        return images, self._model.predict(images, keys)
+        preds = m.recall(images, keys)
+        computed = preds is None
+        if computed:
+            preds = [None] * len(images)
+        out: list[Annotation | None] = [None] * len(images)
+        order = [i for idx in group_by_size(images).values() for i in idx]
+        chunk = forward_chunk(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
+
+        def launch(ids: list[int]) -> list:
+            if computed:
+                m.predict_into(preds, images, ids)
+            pending = []
+            with torch.inference_mode():
+                groups = _stack_predictions([preds[i] for i in ids], [images[i] for i in ids])
+                for (_, size), grp in groups.items():
+                    sel = [ids[g] for g in grp]
+                    raw = torch.stack([preds[i] for i in sel])
+                    pending.append((sel, fetch_async(*post(raw, size))))
+            return pending
+
+        def finish(pending: list) -> None:
+            for sel, copy in pending:
+                fill(out, sel, copy.arrays())
+
+        run_pipelined(split_chunks(order, chunk), launch, finish)
+        if computed:
+            m.remember(images, keys, preds)
+        return out
+
+
+def _common_options(chunk_size: int | None, compile: bool) -> dict[str, Any]:
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    return {"chunk_size": None if chunk_size is None else int(chunk_size), "compile": bool(compile)}
 
 
 @register_annotator
@@ -255,6 +377,11 @@ class Depth(_MidasBase):
             ``depth-anything-small`` ... see ``DEPTH_MODELS``) or local folder.
         device, precision: as for every neural annotator (None = auto).
         bits: 8 (uint8 PNG, as ControlNet) or 16 (uint16 PNG).
+        chunk_size: images per forward pass (outputs do not depend on it);
+            None = ``GPU_CHUNK`` on a GPU, the whole batch on the CPU.
+        compile: run the forward pass through ``torch.compile`` (fixed
+            shapes; the first batch of each size compiles, which takes a
+            while). Shared with ``normal``: either one asking compiles both.
 
     Per-sample meta: ``depth_min`` / ``depth_max``, the raw prediction range
     the map was normalised from.
@@ -270,33 +397,34 @@ class Depth(_MidasBase):
         device: str | None = None,
         precision: str | None = None,
         bits: int = 8,
+        chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         if bits not in (8, 16):
             raise ValueError(f"depth bits must be 8 or 16, got {bits!r}")
-        super().__init__(model=str(model), device=device, precision=precision, bits=int(bits))
+        super().__init__(
+            model=str(model), device=device, precision=precision, bits=int(bits),
+            **_common_options(chunk_size, compile),
+        )
 
     def annotate_batch(self, images, keys=None):
+        return self._annotate(images, keys, self._post, self._fill)
+
+    def _post(self, raw, size):
         import torch
 
-        from annotators.hf_models import fetch
-
-        images, preds = self._predict(images, keys)
-        out: list[Annotation | None] = [None] * len(images)
-        with torch.inference_mode():
-            for (_, size), idx in _stack_predictions(preds, images).items():
-                raw = torch.stack([preds[i] for i in idx])
-                maps, ranges = _normalize(upsample_depth(raw, size), self._options["bits"])
-                if self._options["bits"] == 16:
-                    # 2 bytes a pixel over the bus, not 4 (torch >= 2.3 copies into uint16)
-                    maps = maps.to(torch.uint16) if hasattr(torch, "uint16") else maps
-                maps, ranges = fetch(maps, ranges)
-                if maps.dtype != np.uint16 and self._options["bits"] == 16:
-                    maps = maps.astype(np.uint16)
-                self._fill(out, idx, maps, ranges)
-        return out
+        bits = self._options["bits"]
+        maps, ranges = _normalize(upsample_depth(raw, size), bits)
+        if bits == 16 and hasattr(torch, "uint16"):
+            # 2 bytes a pixel over the bus, not 4 (torch >= 2.3 copies into uint16)
+            maps = maps.to(torch.uint16)
+        return maps, ranges
 
     @staticmethod
-    def _fill(out, idx, maps, ranges) -> None:
+    def _fill(out, idx, arrays) -> None:
+        maps, ranges = arrays
+        if maps.dtype != np.uint16 and maps.dtype != np.uint8:
+            maps = maps.astype(np.uint16)
         for j, i in enumerate(idx):
             out[i] = Annotation(
                 members={"depth.png": np.ascontiguousarray(maps[j])},
@@ -314,6 +442,7 @@ class Normal(_MidasBase):
         bg_th: pixels whose normalised depth is below this are flat
             background (ControlNet: 0.4).
         a: the constant z component before normalisation (ControlNet: 2*pi).
+        chunk_size, compile: as for ``depth``.
     """
 
     name = "normal"
@@ -327,27 +456,26 @@ class Normal(_MidasBase):
         precision: str | None = None,
         bg_th: float = 0.4,
         a: float = 2.0 * math.pi,
+        chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not 0.0 <= float(bg_th) <= 1.0:
             raise ValueError(f"normal bg_th must be in [0, 1], got {bg_th!r}")
         if not float(a) > 0:
             raise ValueError(f"normal a must be > 0, got {a!r}")
         super().__init__(
-            model=str(model), device=device, precision=precision, bg_th=float(bg_th), a=float(a)
+            model=str(model), device=device, precision=precision, bg_th=float(bg_th), a=float(a),
+            **_common_options(chunk_size, compile),
         )
 
     def annotate_batch(self, images, keys=None):
-        import torch
+        return self._annotate(images, keys, self._post, self._fill)
 
-        from annotators.hf_models import fetch
+    def _post(self, raw, size):
+        return (resize_map(normals_from_depth(raw, self._options["a"], self._options["bg_th"]), size),)
 
-        images, preds = self._predict(images, keys)
-        out: list[Annotation | None] = [None] * len(images)
-        with torch.inference_mode():
-            for (_, size), idx in _stack_predictions(preds, images).items():
-                raw = torch.stack([preds[i] for i in idx])
-                maps = normals_from_depth(raw, self._options["a"], self._options["bg_th"])
-                (maps,) = fetch(resize_map(maps, size))
-                for j, i in enumerate(idx):
-                    out[i] = Annotation(members={"normal.png": np.ascontiguousarray(maps[j])})
-        return out
+    @staticmethod
+    def _fill(out, idx, arrays) -> None:
+        (maps,) = arrays
+        for j, i in enumerate(idx):
+            out[i] = Annotation(members={"normal.png": np.ascontiguousarray(maps[j])})

@@ -14,6 +14,13 @@ draws with; two classes, 6 and 48, share a colour there); ``seg_ids.png``
 keeps the exact class ids (0..149, single channel).
 The classes present, with the fraction of pixels each covers, go into the
 sample metadata.
+
+A batch runs in pieces of ``chunk_size`` images, each queued on the device
+(upload, forward, arg-max, colours, class counts, asynchronous copy back)
+before the host waits for the previous one, so that host and device work
+overlap. ``compile=True`` runs the forward pass through ``torch.compile``
+(about 1.45x the images/s of eager on an H200 at batch 32 in bf16, after
+some 25 s of compilation per piece size).
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ SEG_MODELS = {
 }
 DEFAULT_SEG_MODEL = "openmmlab/upernet-convnext-small"
 ADE20K_CLASSES = 150
+
+#: Images per forward pass on a GPU: larger batches are split so that the
+#: host work of one piece (upload, arg-max maps and colours back, building
+#: the results) overlaps the device work of the next. UperNet-ConvNeXt-S
+#: runs as fast at 16 images a pass as at 32, so a batch of 32 goes in two
+#: overlapped halves (H200, bf16, eager: 385 images/s against 372 whole).
+GPU_CHUNK = 16
 
 # The ADE20K colour of class i is bytes [3i, 3i+3) of this hex string
 # (mmsegmentation's ADE20KDataset palette, in class-id order).
@@ -84,19 +98,28 @@ def logits_to_ids(logits: "torch.Tensor", size: tuple[int, int], chunk: int = 8)
     return torch.cat(parts)
 
 
-def class_counts(ids: "torch.Tensor", classes: int) -> "torch.Tensor":
-    """B x H x W class ids -> B x ``classes`` pixel counts (int32).
+def class_counts(ids: "torch.Tensor", classes: int, sync_free: bool | None = None) -> "torch.Tensor":
+    """B x H x W class ids (all < ``classes``) -> B x ``classes`` pixel counts (int32).
 
     One histogram for the whole batch (each image's ids offset into its own
-    range of bins) rather than one per image: on a GPU every ``bincount``
-    waits for the device to size its output.
+    range of bins). On a GPU it is a scatter-add into a zeroed table rather
+    than ``bincount``, which reads the largest id back to the host to size
+    its output: that wait would stop the host from queueing the next
+    forward pass while this one runs. ``sync_free`` picks the method
+    (None: scatter-add off the CPU, ``bincount`` on it); both count exactly.
     """
     import torch
 
     b = ids.shape[0]
     offset = torch.arange(b, device=ids.device).view(-1, 1) * classes
     flat = (ids.reshape(b, -1) + offset).reshape(-1)
-    return torch.bincount(flat, minlength=b * classes).view(b, classes).to(torch.int32)
+    if sync_free is None:
+        sync_free = ids.device.type != "cpu"
+    if not sync_free:
+        return torch.bincount(flat, minlength=b * classes).view(b, classes).to(torch.int32)
+    counts = torch.zeros(b * classes, dtype=torch.int32, device=ids.device)
+    counts.index_add_(0, flat, torch.ones((), dtype=torch.int32, device=ids.device).expand(flat.shape))
+    return counts.view(b, classes)
 
 
 class SegModel:
@@ -109,6 +132,7 @@ class SegModel:
     UperNet head's large 3x3 convolutions. The auxiliary (training-only)
     head is dropped: transformers runs it at inference and upsamples its
     150-class output to the full input size, only for it to be discarded.
+    :meth:`enable_compile` switches the forward pass to ``torch.compile``.
     """
 
     def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
@@ -142,16 +166,58 @@ class SegModel:
         id2label = getattr(net.config, "id2label", None) or {}
         self.labels = [str(id2label.get(i, id2label.get(str(i), i))) for i in range(n)]
         self.palette = torch.from_numpy(ade20k_palette()).to(device)
+        self.channels_last = bool(channels_last)
+        self.compiled = None
+
+    def enable_compile(self, backend: Any = "inductor") -> None:
+        """Run the forward pass through ``torch.compile`` from now on
+        (idempotent; falls back to eager with a warning if compiling fails)."""
+        from annotators._torch import CompiledForward
+
+        if self.compiled is None:
+            self.compiled = CompiledForward(self._eager_forward, "segmentation model", backend)
+
+    def _eager_forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        return self.net(pixel_values=pixels).logits
+
+    #: Most elements of one logits tensor: the model upsamples its logits to
+    #: the input size, and torch's NHWC bilinear kernel refuses outputs of
+    #: 2**31 elements or more (65 images at 512 px with 150 classes).
+    max_logits = 2**31 - 1
+
+    def max_batch(self, height: int, width: int) -> int:
+        """Most images of a ``height`` x ``width`` model input per forward pass."""
+        return max(1, self.max_logits // (len(self.labels) * height * width))
+
+    def forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        """B x 3 x h x w model input -> B x classes x h x w logits (larger
+        batches than :meth:`max_batch` run in several passes)."""
+        import torch
+
+        if self.channels_last:
+            # the layout of the weights: the stem then runs NHWC from the start
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        run = self.compiled if self.compiled is not None else self._eager_forward
+        step = self.max_batch(int(pixels.shape[2]), int(pixels.shape[3]))
+        if self.compiled is not None:
+            # the compiled forward pads to a power of two: stay within the limit
+            step = 1 << (step.bit_length() - 1)
+        if pixels.shape[0] <= step:
+            return run(pixels)
+        return torch.cat([run(pixels[s : s + step]) for s in range(0, pixels.shape[0], step)])
 
 
-def _seg_model(model: str, device: str | None, precision: str | None) -> SegModel:
+def _seg_model(model: str, device: str | None, precision: str | None, compile: bool = False) -> SegModel:
     from annotators._torch import resolve_device, resolve_precision
     from annotators.hf_models import resolve_model_name, shared
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
     name = resolve_model_name(model, SEG_MODELS)
-    return shared(("seg", name, str(dev), str(dtype)), lambda: SegModel(name, dev, dtype))
+    m = shared(("seg", name, str(dev), str(dtype)), lambda: SegModel(name, dev, dtype))
+    if compile:
+        m.enable_compile()
+    return m
 
 
 @register_annotator
@@ -165,6 +231,10 @@ class Seg(Annotator):
         device, precision: as for every neural annotator (None = auto).
         min_fraction: classes covering less than this fraction of the pixels
             are left out of the metadata's class list (not out of the maps).
+        chunk_size: images per forward pass (outputs do not depend on it);
+            None = ``GPU_CHUNK`` on a GPU, the whole batch on the CPU.
+        compile: run the forward pass through ``torch.compile`` (fixed
+            shapes; the first batch of each size compiles, which takes a while).
 
     Per-sample meta: ``class_ids``, ``classes`` (labels) and
     ``class_fractions``, aligned, by decreasing area.
@@ -182,11 +252,16 @@ class Seg(Annotator):
         device: str | None = None,
         precision: str | None = None,
         min_fraction: float = 0.0,
+        chunk_size: int | None = None,
+        compile: bool = False,
     ) -> None:
         if not 0.0 <= float(min_fraction) < 1.0:
             raise ValueError(f"seg min_fraction must be in [0, 1), got {min_fraction!r}")
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ValueError(f"seg chunk_size must be >= 1, got {chunk_size!r}")
         super().__init__(
-            model=str(model), device=device, precision=precision, min_fraction=float(min_fraction)
+            model=str(model), device=device, precision=precision, min_fraction=float(min_fraction),
+            chunk_size=None if chunk_size is None else int(chunk_size), compile=bool(compile),
         )
 
     def preflight(self) -> None:
@@ -197,39 +272,56 @@ class Seg(Annotator):
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options
-            self._model = _seg_model(o["model"], o["device"], o["precision"])
+            self._model = _seg_model(o["model"], o["device"], o["precision"], o["compile"])
 
     def annotate_batch(self, images, keys=None):
         import torch
 
-        from annotators.hf_models import fetch, model_batches
+        from annotators.hf_models import (fetch_async, forward_chunk, group_by_size, model_batches,
+                                          run_pipelined, split_chunks)
 
         self.setup()
         m = self._model
         images = [check_image(im) for im in images]
         out: list[Annotation | None] = [None] * len(images)
-        with torch.inference_mode():
-            for idx, pixels in model_batches(images, m.preprocess, m.device, m.dtype):
-                logits = m.net(pixel_values=pixels).logits
-                # images of one model batch may still differ in size
-                by_size: dict[tuple[int, int], list[int]] = {}
-                for j, i in enumerate(idx):
-                    by_size.setdefault(images[i].shape[:2], []).append(j)
-                for size, js in by_size.items():
-                    sel = logits if len(js) == len(idx) else logits[js]
-                    ids = logits_to_ids(sel, size)
-                    colour = m.palette[ids]
-                    ids_np, colour_np, counts_np = fetch(
-                        ids.to(torch.uint8), colour, class_counts(ids, len(m.labels))  # 150 classes fit
-                    )
-                    for k, j in enumerate(js):
-                        out[idx[j]] = Annotation(
-                            members={
-                                "seg.png": np.ascontiguousarray(colour_np[k]),
-                                "seg_ids.png": np.ascontiguousarray(ids_np[k]),
-                            },
-                            meta=self._class_meta(counts_np[k]),
+        order = [i for idx in group_by_size(images).values() for i in idx]
+        chunk = forward_chunk(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
+
+        def launch(ids: list[int]) -> list:
+            # queue upload, forward, post-processing and the copy back of one
+            # piece; nothing here waits for the device
+            pending = []
+            with torch.inference_mode():
+                for idx, pixels in model_batches([images[i] for i in ids], m.preprocess, m.device, m.dtype):
+                    logits = m.forward(pixels)
+                    # images of one model batch may still differ in size
+                    by_size: dict[tuple[int, int], list[int]] = {}
+                    for j, i in enumerate(idx):
+                        by_size.setdefault(images[ids[i]].shape[:2], []).append(j)
+                    for size, js in by_size.items():
+                        sel = logits if len(js) == len(idx) else logits[js]
+                        class_ids = logits_to_ids(sel, size)
+                        copy = fetch_async(
+                            class_ids.to(torch.uint8),  # 150 classes fit
+                            m.palette[class_ids],
+                            class_counts(class_ids, len(m.labels)),
                         )
+                        pending.append(([ids[idx[j]] for j in js], copy))
+            return pending
+
+        def finish(pending: list) -> None:
+            for sel, copy in pending:
+                ids_np, colour_np, counts_np = copy.arrays()
+                for k, i in enumerate(sel):
+                    out[i] = Annotation(
+                        members={
+                            "seg.png": np.ascontiguousarray(colour_np[k]),
+                            "seg_ids.png": np.ascontiguousarray(ids_np[k]),
+                        },
+                        meta=self._class_meta(counts_np[k]),
+                    )
+
+        run_pipelined(split_chunks(order, chunk), launch, finish)
         return out
 
     def _class_meta(self, counts: np.ndarray) -> dict[str, Any]:

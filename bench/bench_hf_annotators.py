@@ -13,7 +13,17 @@ from the published config values (nothing is downloaded), written with
 captions decoded) is included in every number. Captions are forced to
 exactly 20 new tokens so that random weights do the same work as real ones.
 
+Also timed in the same run: the bare forward pass alone (pixel values
+already on the device, nothing copied back) of transformers' model as loaded
+and of the annotator's prepared model, at the same batch and precision, so
+that "ours / bare" separates the cost of pre- and post-processing and
+transfers from the network itself. ``--compile`` adds the annotators with
+``compile=True`` (and their bare compiled forward; the compile time is the
+warm-up, reported apart); ``--chunk-sizes`` times other ``chunk_size``
+values of depth and seg.
+
     python bench/bench_hf_annotators.py                # on a GPU
+    python bench/bench_hf_annotators.py --compile --models depth,seg
     python bench/bench_hf_annotators.py --smoke        # tiny models on the CPU
 
 Prints one JSON summary on stdout (and writes it to ``--out`` if given).
@@ -38,6 +48,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 #: Images/s targets on one H100-class GPU, batched bf16, post-processing included.
 TARGETS = {"depth": 700.0, "seg": 350.0, "caption": 150.0}
 CAPTION_TOKENS = 20
+#: Warm-up goes on for at least this long (and the given number of batches)
+#: before a row is timed, so GPU clocks and allocator pools have settled;
+#: set from ``--min-warmup-s``.
+MIN_WARMUP_S = 0.0
+
+
+def _warm_up(step, warmup: int) -> int:
+    """Run ``step(i)`` for at least ``warmup`` steps and ``MIN_WARMUP_S``
+    seconds; returns how many ran."""
+    t0 = time.perf_counter()
+    i = 0
+    while i < warmup or time.perf_counter() - t0 < MIN_WARMUP_S:
+        step(i)
+        i += 1
+    return i
 
 
 # ------------------------------------------------------------------ models
@@ -216,18 +241,73 @@ def time_ours(annotators, images, batch: int, iters: int, warmup: int, device: s
             out = a.annotate_batch(chunk, keys)
             assert len(out) == len(chunk)
 
-    for it in range(warmup):
-        run(it)
+    t0 = time.perf_counter()
+    done = _warm_up(run, warmup)
     _sync(device)
+    warmup_s = time.perf_counter() - t0
     _reset_peak(device)
     t0 = time.perf_counter()
     for it in range(iters):
-        run(warmup + it)
+        run(done + it)
     _sync(device)
     seconds = time.perf_counter() - t0
     n = iters * len(batches[0])
     return {"images": n, "seconds": round(seconds, 4), "images_per_s": round(n / seconds, 2),
-            "batch": len(batches[0]), "peak_gib": _peak_gib(device)}
+            "batch": len(batches[0]), "peak_gib": _peak_gib(device), "warmup_s": round(warmup_s, 2)}
+
+
+def time_forward(forward, pixels, iters: int, warmup: int, device: str) -> dict:
+    """images/s of ``forward(pixels)`` alone: the inputs already on the
+    device, nothing copied back, one synchronisation at the end."""
+    import torch
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        _warm_up(lambda _: forward(pixels), warmup)
+        _sync(device)
+        warmup_s = time.perf_counter() - t0
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            forward(pixels)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    n = iters * int(pixels.shape[0])
+    return {"images": n, "seconds": round(seconds, 4), "images_per_s": round(n / seconds, 2),
+            "batch": int(pixels.shape[0]), "peak_gib": _peak_gib(device), "warmup_s": round(warmup_s, 2)}
+
+
+def bare_forwards(kind: str, folder: str, device: str, images, iters: int, warmup: int) -> dict:
+    """Forward-only rows of transformers' model as loaded (bf16 weights,
+    its own layout, the auxiliary head where the config has one) and, for
+    seg, without the auxiliary head (what the annotator runs)."""
+    import torch
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+
+    cls = AutoModelForDepthEstimation if kind == "depth" else AutoModelForSemanticSegmentation
+    proc = AutoImageProcessor.from_pretrained(folder)
+    model = cls.from_pretrained(folder).to(device, torch.bfloat16).eval()
+    pixels = proc(images=list(images), return_tensors="pt")["pixel_values"].to(device, torch.bfloat16)
+    b = len(images)
+    rows = {f"transformers_forward_bf16_batch{b}": time_forward(lambda x: model(pixel_values=x), pixels,
+                                                                 iters, warmup, device)}
+    if getattr(model, "auxiliary_head", None) is not None:
+        model.auxiliary_head = None
+        rows[f"transformers_forward_bf16_batch{b}_no_aux_head"] = time_forward(
+            lambda x: model(pixel_values=x), pixels, iters, warmup, device)
+    del model
+    return rows
+
+
+def ours_forward(annotator, images, iters: int, warmup: int, device: str) -> dict:
+    """Forward-only row of the annotator's prepared model (its layout,
+    precision and, if enabled, compiled forward) on device-side pixels."""
+    from annotators.hf_models import model_batches
+
+    annotator.setup()
+    m = annotator._model
+    ((_, pixels),) = model_batches(images, m.preprocess, m.device, m.dtype)
+    return time_forward(m.forward, pixels, iters, warmup, device)
 
 
 def reference_runner(kind: str, folder: str, device: str, caption_kwargs: dict, dtype: str = "fp32"):
@@ -282,8 +362,7 @@ def reference_runner(kind: str, folder: str, device: str, caption_kwargs: dict, 
 def time_reference(run, images, iters: int, warmup: int, device: str, batch: int = 1) -> dict:
     """images/s of ``run`` over ``iters`` batches of ``batch`` images."""
     chunks = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)] or [images[:batch]]
-    for i in range(warmup):
-        run(chunks[i % len(chunks)])
+    _warm_up(lambda i: run(chunks[i % len(chunks)]), warmup)
     _sync(device)
     _reset_peak(device)
     t0 = time.perf_counter()
@@ -313,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-batch", type=int, default=32)
     parser.add_argument("--caption-batch", type=int, default=64)
     parser.add_argument("--caption-beams", default="3,1", help="beam widths to time (batched)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time depth/seg with compile=True (after the eager rows)")
+    parser.add_argument("--chunk-sizes", default="",
+                        help="comma-separated chunk_size values of depth/seg to time besides the default")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="depth, seg: skip the batch-1 fp32 and transformers end-to-end baselines")
+    parser.add_argument("--min-warmup-s", type=float, default=None,
+                        help="warm up each row for at least this long (default 2 s; smoke 0)")
     parser.add_argument("--out", default=None, help="also write the JSON summary here")
     args = parser.parse_args(argv)
 
@@ -330,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     ref_n = args.ref_images or (3 if tiny else 32)
     ref_iters = args.ref_iters or max(1, iters // 2)
     warmup = 1 if tiny else 3
+    global MIN_WARMUP_S
+    MIN_WARMUP_S = args.min_warmup_s if args.min_warmup_s is not None else (0.0 if tiny else 2.0)
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c.strip()]
     beams = [int(b) for b in args.caption_beams.split(",") if b.strip()]
     if tiny:
         args.depth_batch, args.seg_batch, args.caption_batch = 4, 4, 4
@@ -343,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers_version": transformers.__version__,
         "smoke": tiny,
         "image_size": size,
         "caption_new_tokens": CAPTION_TOKENS,
@@ -351,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                 "NHWC convolutions (depth neck/head, all of seg) and fused ViT attention (caption); "
                 "pre-processing on the device, one device-to-host copy per batch",
         "transformers": "processor on the host, model weights in the row's precision, same post-processing",
+        "forward_rows": "*_forward_*: forward pass alone, pixel values already on the device, one sync at the end",
+        "compile": args.compile,
         "results": {},
     }
     builders = {"depth": build_dpt_hybrid, "seg": build_upernet_convnext_small, "caption": build_blip_large}
@@ -384,23 +476,62 @@ def main(argv: list[str] | None = None) -> int:
                     run, images, ref_iters, warmup, device, batch)
                 headline = rows[f"ours_bf16_batch{batch}_beams{beams[0]}"]
             else:
+                def normal(**extra):
+                    return create_annotator("normal", model=folder, device=device, precision="bf16", **extra)
+
                 rows[f"ours_bf16_batch{batch}"] = time_ours([make("bf16")], images, batch, iters, warmup, device)
                 if kind == "depth":
-                    both = [make("bf16"), create_annotator("normal", model=folder, device=device, precision="bf16")]
+                    both = [make("bf16"), normal()]
                     rows[f"ours_bf16_batch{batch}_depth+normal"] = time_ours(both, images, batch, iters, warmup, device)
-                rows["ours_fp32_batch1"] = time_ours([make("fp32")], images, 1, ref_n, warmup, device)
+                for c in chunk_sizes:
+                    rows[f"ours_bf16_batch{batch}_chunk{c}"] = time_ours(
+                        [make("bf16", chunk_size=c)], images, batch, iters, warmup, device)
+                rows[f"ours_forward_bf16_batch{batch}"] = ours_forward(make("bf16"), images[:batch], iters, warmup, device)
                 clear_shared()
-                run = reference_runner(kind, folder, device, {})
-                rows["transformers_fp32_batch1"] = time_reference(run, images, ref_n, warmup, device)
-                del run
-                run = reference_runner(kind, folder, device, {}, dtype="bf16")
-                rows[f"transformers_bf16_batch{batch}"] = time_reference(run, images, ref_iters, warmup, device, batch)
+                rows.update(bare_forwards(kind, folder, device, images[:batch], iters, warmup))
+                if args.compile:
+                    # after every eager row: the compiled forward belongs to the shared model
+                    rows[f"ours_bf16_batch{batch}_compiled"] = time_ours(
+                        [make("bf16", compile=True)], images, batch, iters, warmup, device)
+                    if kind == "depth":
+                        both = [make("bf16", compile=True), normal(compile=True)]
+                        rows[f"ours_bf16_batch{batch}_depth+normal_compiled"] = time_ours(
+                            both, images, batch, iters, warmup, device)
+                    for c in chunk_sizes:
+                        rows[f"ours_bf16_batch{batch}_chunk{c}_compiled"] = time_ours(
+                            [make("bf16", chunk_size=c, compile=True)], images, batch, iters, warmup, device)
+                    compiled = make("bf16", compile=True)
+                    rows[f"ours_forward_bf16_batch{batch}_compiled"] = ours_forward(
+                        compiled, images[:batch], iters, warmup, device)
+                    rows["compile_active"] = compiled._model.compiled.active
+                    rows["compile_error"] = compiled._model.compiled.error
+                    del compiled
+                    clear_shared()
+                if not args.no_reference:
+                    rows["ours_fp32_batch1"] = time_ours([make("fp32")], images, 1, ref_n, warmup, device)
+                    clear_shared()
+                    run = reference_runner(kind, folder, device, {})
+                    rows["transformers_fp32_batch1"] = time_reference(run, images, ref_n, warmup, device)
+                    del run
+                    run = reference_runner(kind, folder, device, {}, dtype="bf16")
+                    rows[f"transformers_bf16_batch{batch}"] = time_reference(
+                        run, images, ref_iters, warmup, device, batch)
                 headline = rows[f"ours_bf16_batch{batch}"]
-            del run
+                fwd = rows[f"transformers_forward_bf16_batch{batch}"]["images_per_s"]
+                own = rows[f"ours_forward_bf16_batch{batch}"]["images_per_s"]
+                rows["ours_over_transformers_forward"] = round(headline["images_per_s"] / fwd, 3)
+                rows["ours_over_own_forward"] = round(headline["images_per_s"] / own, 3)
+                if args.compile:
+                    best = rows[f"ours_bf16_batch{batch}_compiled"]["images_per_s"]
+                    rows["compiled_over_transformers_forward"] = round(best / fwd, 3)
+                    rows["compiled_over_eager"] = round(best / headline["images_per_s"], 3)
+            run = None
             clear_shared()
-            def speedup(prefix: str) -> float:
-                base = rows[[k for k in rows if k.startswith(prefix)][0]]
-                return round(headline["images_per_s"] / base["images_per_s"], 2)
+            def speedup(prefix: str) -> float | None:
+                found = [k for k in rows if k.startswith(prefix)]
+                if not found:
+                    return None
+                return round(headline["images_per_s"] / rows[found[0]]["images_per_s"], 2)
 
             rows["speedup_vs_ours_batch1_fp32"] = speedup("ours_fp32_batch1")
             rows["speedup_vs_transformers_batch1_fp32"] = speedup("transformers_fp32")
@@ -408,8 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             rows["target_images_per_s"] = None if tiny else TARGETS[kind]
             rows["meets_target"] = None if tiny else headline["images_per_s"] >= TARGETS[kind]
             summary["results"][kind] = rows
-            print(f"{kind}: {headline['images_per_s']} img/s batched bf16 "
-                  f"({rows['speedup_vs_transformers_batch1_fp32']}x transformers batch-1 fp32)", file=sys.stderr)
+            line = f"{kind}: {headline['images_per_s']} img/s batched bf16"
+            if f"ours_bf16_batch{batch}_compiled" in rows:
+                line += f", {rows[f'ours_bf16_batch{batch}_compiled']['images_per_s']} compiled"
+            if f"transformers_forward_bf16_batch{batch}" in rows:
+                line += f"; bare transformers forward {rows[f'transformers_forward_bf16_batch{batch}']['images_per_s']}"
+            if rows["speedup_vs_transformers_batch1_fp32"] is not None:
+                line += f" ({rows['speedup_vs_transformers_batch1_fp32']}x transformers batch-1 fp32)"
+            print(line, file=sys.stderr)
 
     text = json.dumps(summary, indent=2)
     print(text)

@@ -536,3 +536,203 @@ def test_class_counts_match_per_image_bincount():
     assert counts.shape == (4, 150) and counts.dtype == torch.int32
     for row, c in zip(ids, counts):
         torch.testing.assert_close(c, torch.bincount(row.flatten(), minlength=150).to(torch.int32))
+
+
+# ------------------------------------------- pieces, copies back, compile
+
+
+def test_split_chunks_and_batch_buckets():
+    from annotators._torch import batch_bucket
+
+    assert hf_models.split_chunks(range(40), 32) == [list(range(20)), list(range(20, 40))]
+    assert hf_models.split_chunks([5, 3, 9], 2) == [[5, 3], [9]]
+    assert hf_models.split_chunks([], 4) == []
+    for n in range(1, 70):
+        pieces = hf_models.split_chunks(range(n), 16)
+        assert [i for p in pieces for i in p] == list(range(n))
+        assert max(map(len, pieces)) <= 16 and max(map(len, pieces)) - min(map(len, pieces)) <= 1
+        b = batch_bucket(n)
+        assert b >= n and b & (b - 1) == 0 and b < 2 * n
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert hf_models.forward_chunk(None, 48, cpu, 16) == 48  # nothing to overlap on the CPU
+    assert hf_models.forward_chunk(None, 48, gpu, 16) == 16
+    assert hf_models.forward_chunk(4, 48, cpu, 16) == 4
+
+
+def test_fetch_async_matches_fetch():
+    a = torch.arange(30, dtype=torch.uint8).reshape(2, 5, 3)
+    b = torch.randn(2, 2)
+    c = torch.arange(6, dtype=torch.int32)
+    pending = hf_models.fetch_async(a, b, c)
+    assert pending.ready()
+    for x, y in zip(pending.arrays(), hf_models.fetch(a, b, c)):
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == y.dtype
+    assert hf_models.fetch_async().arrays() == []
+
+
+def test_pieces_give_the_same_maps(models, images):
+    """A batch split into pieces (the GPU default) annotates as one batch does."""
+    keys = ["p0", "p1", "p2"]
+    for name, folder, member in (("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
+                                 ("seg", models["upernet"], "seg_ids.png")):
+        whole = create_annotator(name, model=folder, device="cpu")
+        pieces = create_annotator(name, model=folder, device="cpu", chunk_size=2)
+        assert pieces.params["chunk_size"] == 2 and pieces.params["compile"] is False
+        for a, b in zip(whole.annotate_batch(images, KEYS), pieces.annotate_batch(images, keys)):
+            if name == "seg":
+                assert (a.members[member] == b.members[member]).mean() >= 0.999
+                assert a.meta["class_ids"][:3] == b.meta["class_ids"][:3]
+            else:
+                _close_maps(a.members[member], b.members[member])
+    with pytest.raises(ValueError, match="chunk_size"):
+        create_annotator("seg", chunk_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        create_annotator("depth", chunk_size=0)
+
+
+def test_depth_then_normal_in_pieces_share_one_forward(models, images):
+    depth = create_annotator("depth", model=models["dpt"], device="cpu", chunk_size=1)
+    normal = create_annotator("normal", model=models["dpt"], device="cpu", chunk_size=2)
+    depth.setup()
+    calls = []
+    hook = depth._model.net.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        depth.annotate_batch(images, ["q0", "q1", "q2"])
+        assert len(calls) == 3  # one forward pass per piece of one image
+        normal.annotate_batch(images, ["q0", "q1", "q2"])
+        assert len(calls) == 3  # the normals reuse all three predictions
+    finally:
+        hook.remove()
+
+
+def test_class_counts_sync_free_equals_bincount():
+    from annotators.seg import class_counts
+
+    ids = torch.randint(0, 150, (3, 19, 11), generator=torch.Generator().manual_seed(1))
+    ids[1, :5] = 0
+    torch.testing.assert_close(class_counts(ids, 150, sync_free=True), class_counts(ids, 150, sync_free=False))
+
+
+def test_seg_splits_batches_past_the_upsample_limit(models, images):
+    from annotators.seg import SegModel
+
+    m = SegModel(models["upernet"], torch.device("cpu"), torch.float32)
+    pixels = hf_models.model_batches(images, m.preprocess, torch.device("cpu"))[0][1]
+    calls = []
+    hook = m.net.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            whole = m.forward(pixels)
+            h, w = pixels.shape[2:]
+            m.max_logits = 150 * h * w  # one image per pass
+            assert m.max_batch(h, w) == 1
+            split = m.forward(pixels)
+    finally:
+        hook.remove()
+    assert calls == [1] * 4
+    torch.testing.assert_close(whole, split, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(models, images, caplog):
+    """A compiler that fails leaves the annotator working, eagerly, with one warning."""
+    import logging
+
+    from annotators._torch import CompiledForward
+    from annotators.depth import DepthModel
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    eager = DepthModel(models["dpt"], cpu, torch.float32)
+    failing = DepthModel(models["dpt"], cpu, torch.float32)
+    failing.enable_compile(backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="annotators._torch"):
+        a = failing.predict(images, KEYS)
+    assert not failing.compiled.active and "no compiler here" in failing.compiled.error
+    assert sum("running it eagerly" in r.getMessage() for r in caplog.records) == 1
+    for x, y in zip(a, eager.predict(images, KEYS)):
+        torch.testing.assert_close(x, y)
+    # padding to the bucket size and back, through a compiled function
+    double = CompiledForward(lambda x: x * 2, "doubler", backend="eager")
+    x = torch.arange(12.0).reshape(3, 4)
+    torch.testing.assert_close(double(x), x * 2)
+    assert double.active
+    torch._dynamo.reset()
+
+
+def test_compiled_depth_forward_equals_eager(models, images):
+    """The padded, compiled forward (dynamo graph, no code generation) gives
+    eager's predictions: three images run as a padded batch of four."""
+    from annotators.depth import DepthModel
+
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    eager = DepthModel(models["dpt"], cpu, torch.float32)
+    compiled = DepthModel(models["dpt"], cpu, torch.float32)
+    compiled.enable_compile(backend="aot_eager")
+    for a, b in zip(eager.predict(images, KEYS), compiled.predict(images, KEYS)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert compiled.compiled.active
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_compiled_seg_equals_eager(models, images):
+    """``compile=True`` (inductor's generated kernels) gives eager's maps; the
+    option is recorded in params. About 40 s on two cores (code generation)."""
+    from annotators.seg import _seg_model
+
+    torch._dynamo.reset()
+    hf_models.clear_shared()
+    eager = create_annotator("seg", model=models["upernet"], device="cpu")
+    expected = [a.members["seg_ids.png"] for a in eager.annotate_batch(images, KEYS)]
+    hf_models.clear_shared()
+    compiled = create_annotator("seg", model=models["upernet"], device="cpu", compile=True)
+    assert compiled.params["compile"] is True
+    got = compiled.annotate_batch(images, ["c0", "c1", "c2"])
+    assert compiled._model is _seg_model(models["upernet"], "cpu", None)
+    assert compiled._model.compiled.active, compiled._model.compiled.error
+    for ids, ann in zip(expected, got):
+        assert (ann.members["seg_ids.png"] == ids).mean() >= 0.999
+    hf_models.clear_shared()
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_pieces_copies_and_compile_on_gpu(models, images):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    # asynchronous copies back: views of page-locked memory with the right bytes
+    t = torch.arange(1000, device="cuda", dtype=torch.int32)
+    (host,) = hf_models.fetch_async(t).arrays()
+    np.testing.assert_array_equal(host, np.arange(1000, dtype=np.int32))
+    # TF32 convolutions (torch's default) differ by batch size at the 1e-3
+    # level; without them the pieces must agree as on the CPU
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, folder, member in (("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
+                                     ("seg", models["upernet"], "seg_ids.png")):
+            hf_models.clear_shared()
+            whole = create_annotator(name, model=folder, device="cuda", precision="fp32", chunk_size=8)
+            pieces = create_annotator(name, model=folder, device="cuda", precision="fp32", chunk_size=1)
+            ref = whole.annotate_batch(images, KEYS)
+            got = pieces.annotate_batch(images, ["g0", "g1", "g2"])
+            hf_models.clear_shared()
+            compiled = create_annotator(name, model=folder, device="cuda", precision="fp32", compile=True)
+            got_compiled = compiled.annotate_batch(images, ["h0", "h1", "h2"])
+            assert compiled._model.compiled.active, compiled._model.compiled.error
+            for a, b, c in zip(ref, got, got_compiled):
+                for other in (b, c):
+                    diff = np.abs(a.members[member].astype(int) - other.members[member].astype(int))
+                    if name == "seg":
+                        assert (diff == 0).mean() >= 0.99
+                    else:
+                        _close_maps(a.members[member], other.members[member], max_diff=2, min_equal=0.98)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        hf_models.clear_shared()
