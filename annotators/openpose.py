@@ -3,18 +3,15 @@
 (the people in OpenPose's COCO-18 layout, in sample pixels).
 
 The networks are controlnet-aux's (``bodypose_model``, ``handpose_model``,
-``FaceNet``). The whole batch goes through the body network at once, and
-everything up to the choice between candidate limbs stays on the device:
-every resize in the reference (OpenCV INTER_AREA / LANCZOS4, cropping the
-stride padding, scipy's Gaussian) is linear and separable, so each axis
-collapses into one precomputed matrix; the peak search runs on the blurred
-heatmaps at image resolution, and part-affinity fields are evaluated only
-where limb scoring needs them (ten points per candidate limb, every
-candidate of the batch at once, in float64). The outputs have fixed sizes,
-so nothing waits for the device; batches run as a pipeline of chunks, and
-only the small per-chunk results come back to the host, where the greedy
-matching and person assembly (a few dozen steps per image) run in plain
-Python and drawing runs on a thread pool.
+``FaceNet``). The whole batch goes through the body network at once; the
+heatmaps are brought to image resolution, blurred and searched for peaks on
+the device. Every resize in the reference (OpenCV INTER_AREA / LANCZOS4,
+cropping the stride padding, scipy's Gaussian) is linear and separable, so
+each axis collapses into one precomputed matrix and the whole chain becomes
+two batched matrix products. Part-affinity fields stay at network resolution;
+the association step evaluates them only where it needs them (ten points per
+candidate limb), vectorised over every candidate pair with numpy. Only the
+greedy matching — a few dozen steps per image — is a Python loop.
 
 Faithful to controlnet-aux's ``OpenposeDetector`` (detect and image
 resolution = the sample size, body at scale 0.5 of boxsize 368, stride 8):
@@ -27,8 +24,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-import os
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -48,13 +44,6 @@ PAD_VALUE = 128
 PEAK_THRESHOLD = 0.1
 PAF_THRESHOLD = 0.05
 MID_SAMPLES = 10
-#: Initial room per image for peaks and candidate limbs in the device
-#: outputs (see ``OpenPose.finish_bodies``): real photos have a few peaks per
-#: part; noisy maps (random weights) can have ~100.
-PEAK_ROOM = 128
-PAIR_ROOM = 256
-#: Most threads drawing and writing JSON at once.
-DRAW_THREADS = 8
 
 #: Limbs as (part A, part B), 1-based COCO-18 part numbers, in association order.
 LIMBS = (
@@ -74,8 +63,6 @@ BODY_COLORS = (
     (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )  # fmt: skip
-#: Limb fill colours: the body colours at 60%, as the reference computes them.
-LIMB_FILLS = tuple([int(float(c) * 0.6) for c in color] for color in BODY_COLORS)
 HAND_EDGES = (
     (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
     (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
@@ -199,25 +186,20 @@ class BodyGeometry:
         self._dev: dict[Any, dict[str, Any]] = {}
 
     def on(self, device) -> dict[str, Any]:
-        """The matrices on ``device`` (cached): float32 for the peak search,
-        float64 (``*_64``) for peak scores and limb scoring, as the reference
-        scores limbs in float64."""
+        """The matrices as float32 tensors on ``device`` (cached)."""
         import torch
 
         key = str(device)
         if key not in self._dev:
-            mats = {}
-            for name in ("pre_y", "pre_x", "map_y", "map_x", "blur_y", "blur_x"):
-                mats[name] = torch.as_tensor(getattr(self, name), dtype=torch.float32, device=device)
-            for name in ("map_y", "map_x"):
-                mats[name + "_64"] = torch.as_tensor(getattr(self, name), dtype=torch.float64, device=device)
-            self._dev[key] = mats
+            self._dev[key] = {
+                name: torch.as_tensor(getattr(self, name), dtype=torch.float32, device=device)
+                for name in ("pre_y", "pre_x", "map_y", "map_x", "blur_y", "blur_x")
+            }
         return self._dev[key]
 
 
 # --------------------------------------------------------------------------
-# Device side: input preparation, peak search and limb scoring, for a whole
-# batch at once and without waiting for the device (fixed-size outputs).
+# Device side: input preparation and peak search.
 
 
 def body_input(batch_rgb: Any, geo: BodyGeometry) -> Any:
@@ -235,280 +217,161 @@ def body_input(batch_rgb: Any, geo: BodyGeometry) -> Any:
     return x / 256.0 - 0.5
 
 
-#: Float32 elements of the blurred full-resolution heatmaps handled at once in
-#: the peak search (two 512 px images): small enough (40 MB) that the
-#: comparisons that follow the blur mostly read it from the GPU's L2 cache
-#: rather than from device memory, large enough to keep launches few.
-PEAK_BLOCK_ELEMENTS = 10 << 20
+def find_peaks(heat: Any, geo: BodyGeometry, chunk: int = 16) -> Any:
+    """Peaks of the 18 part heatmaps for a batch, on the device.
 
-
-def peak_mask(heat: Any, geo: BodyGeometry) -> Any:
-    """(N, 18, H, W) bool: the reference's peaks of a batch's part heatmaps.
-
-    A peak is a pixel of the sigma-3 blurred, image-resolution heatmap above
-    0.1 and not below any of its four neighbours (outside the image counts as
-    0, which a value above 0.1 always beats, so border pixels need no
-    padding). ``heat``: (N, >=18, oh, ow) network heatmaps.
+    ``heat``: (N, >=18, oh, ow) network heatmaps. Returns a float64 host array
+    (P, 5) of (image, part, y, x, score) in image-major, part, row-major order
+    (the reference's order), score being the un-blurred heatmap value.
     """
     import torch
+    import torch.nn.functional as F
 
     m = geo.on(heat.device)
-    n = heat.shape[0]
-    # blur and upsampling are separable: along x at network height first
-    # (small), then along y one block of images at a time
-    z = heat[:, :18].float() @ m["blur_x"].T  # (N, 18, oh, W)
-    mask = torch.empty((n, 18, geo.height, geo.width), dtype=torch.bool, device=heat.device)
-    step = max(1, PEAK_BLOCK_ELEMENTS // (18 * geo.height * geo.width))
-    for s in range(0, n, step):
-        b = m["blur_y"] @ z[s : s + step]
-        out = mask[s : s + step]
-        torch.gt(b, PEAK_THRESHOLD, out=out)
-        above, below = b[..., :-1, :], b[..., 1:, :]
-        left, right = b[..., :-1], b[..., 1:]
-        # in place on views (``out[...] &= x`` would also copy the view back)
-        view = out[..., 1:, :]
-        view &= below >= above
-        view = out[..., :-1, :]
-        view &= above >= below
-        view = out[..., 1:]
-        view &= right >= left
-        view = out[..., :-1]
-        view &= left >= right
-    return mask
-
-
-_LIMB_TABLES: dict[str, tuple[Any, Any, Any]] = {}
-
-
-def _limb_tables(device) -> tuple[Any, Any, Any]:
-    """Part A, part B (0-based) and PAF channels (x, y) of each limb, as
-    tensors on ``device``; cached, as a copy from the host would wait for the
-    work queued on the device."""
-    import torch
-
-    key = str(device)
-    if key not in _LIMB_TABLES:
-        limbs = torch.tensor(LIMBS, dtype=torch.int64) - 1
-        chans = torch.tensor(PAF_CHANNELS, dtype=torch.int64) - 19
-        _LIMB_TABLES[key] = (limbs[:, 0].to(device), limbs[:, 1].to(device), chans.to(device))
-    return _LIMB_TABLES[key]
-
-
-def body_candidates(heat: Any, paf: Any, geo: BodyGeometry, peak_capacity: int, pair_capacity: int) -> dict[str, Any]:
-    """Peaks and scored candidate limbs of a batch, computed on its device
-    with fixed-size outputs, so nothing waits for the device.
-
-    Every pair (peak of part A, peak of part B) of the same image is a
-    candidate for limb A-B, as in the reference; each is scored by sampling
-    the limb's part-affinity field at 10 points between its ends (the field
-    resampled to image pixels by the separable matrices, only at those
-    points) in float64, with the reference's 0.05 / 80% / distance-prior
-    rule.
-
-    Returns device tensors:
-
-    * ``peaks`` (peak_capacity + 1, 4) int64: image, part, y, x of each peak in
-      the reference's order (image, part, row-major); rows past the last peak
-      are -1, so a valid last row means more peaks than ``peak_capacity``;
-    * ``score`` (peak_capacity + 1,) float64: un-blurred heatmap value there;
-    * ``npeaks``, ``npairs``: () int64, the numbers of peaks and candidate
-      pairs (when larger than the capacities, call again with larger ones);
-    * ``pair_a``, ``pair_b`` (pair_capacity,) int64: rows of the pair's ends
-      in ``peaks``; ``group`` (pair_capacity,) int64: image * 19 + limb;
-      candidates of one group are in the reference's order (A-major);
-    * ``prior`` (pair_capacity,) float64: the score with distance prior;
-      ``ok`` (pair_capacity,) bool: a real pair that passes both criteria.
-    """
-    import torch
-
-    dev = heat.device
-    m = geo.on(dev)
-    n = heat.shape[0]
-    mask = peak_mask(heat, geo)
-    npeaks = mask.sum()
-    peaks = torch.nonzero_static(mask, size=peak_capacity + 1, fill_value=-1)
-    valid = peaks[:, 0] >= 0
-    pk = peaks.clamp(min=0)
-    # score: map_y[y] . heat . map_x[x], via heat resampled along x only
-    rows = m["map_x_64"] @ heat[:, :18].double().mT  # (N, 18, W, oh)
-    score = (rows[pk[:, 0], pk[:, 1], pk[:, 3]] * m["map_y_64"][pk[:, 2]]).sum(-1)
-
-    # peaks per (image, part) and where each run starts in ``peaks``
-    key = pk[:, 0] * 18 + pk[:, 1]
-    cnt = torch.zeros(n * 18, dtype=torch.int64, device=dev).index_add_(0, key, valid.long())
-    start = (torch.cumsum(cnt, 0) - cnt).view(n, 18)
-    cnt = cnt.view(n, 18)
-    part_a, part_b, chans = _limb_tables(dev)
-    na, nb = cnt[:, part_a], cnt[:, part_b]  # (N, 19)
-    per_group = (na * nb).flatten()
-    group_end = torch.cumsum(per_group, 0)
-    npairs = group_end[-1]
-
-    # candidate q -> (group, i, j) without a host round trip
-    q = torch.arange(pair_capacity, device=dev)
-    group = torch.searchsorted(group_end, q, right=True).clamp(max=n * 19 - 1)
-    r = q - (group_end - per_group)[group]
-    nbg = nb.flatten()[group].clamp(min=1)
-    i = torch.div(r, nbg, rounding_mode="floor")
-    img, limb = group // 19, group % 19
-    top = peak_capacity  # the sentinel row: clamps any index of an unused slot
-    pair_a = (start[img, part_a[limb]] + i).clamp(0, top)
-    pair_b = (start[img, part_b[limb]] + (r - i * nbg)).clamp(0, top)
-    real = q < npairs
-
-    # PAF (x, y) resampled along x only, at network height: (N, 38, W, oh)
-    fields = m["map_x_64"] @ paf.double().mT
-    prior, passed = [], []
-    for lo in range(0, pair_capacity, PAIR_BLOCK):  # bounded memory for huge counts
-        cut = slice(lo, lo + PAIR_BLOCK)
-        p, ok = _score_pairs(pk[pair_a[cut]], pk[pair_b[cut]], img[cut], chans[limb[cut]], fields, m, geo.height)
-        prior.append(p)
-        passed.append(ok)
-    if len(prior) == 1:
-        prior, ok = prior[0], passed[0] & real
-    else:
-        prior = torch.cat(prior) if prior else torch.zeros(0, dtype=torch.float64, device=dev)
-        ok = (torch.cat(passed) & real) if passed else real
-    return {
-        "peaks": peaks, "score": score, "npeaks": npeaks, "npairs": npairs,
-        "pair_a": pair_a, "pair_b": pair_b, "group": group, "prior": prior, "ok": ok,
-    }  # fmt: skip
-
-
-#: Candidate limbs scored at once (bounds the memory of pathological counts).
-PAIR_BLOCK = 1 << 15
-
-
-def _score_pairs(pa: Any, pb: Any, img: Any, ch: Any, fields: Any, m: dict, height: int) -> tuple[Any, Any]:
-    """Score with distance prior and the 0.05 / 80% criterion of candidate
-    limbs from peak rows ``pa`` to ``pb`` (image, part, y, x), in float64."""
-    import torch
-
-    ax, ay = pa[:, 3].double(), pa[:, 2].double()
-    bx, by = pb[:, 3].double(), pb[:, 2].double()
-    vx, vy = bx - ax, by - ay
-    norm = torch.sqrt(vx * vx + vy * vy).clamp(min=0.001)
-    # the 10 sample points, with np.linspace's arithmetic, rounded
-    # half-to-even like round()
-    k = torch.arange(MID_SAMPLES, dtype=torch.float64, device=pa.device)
-    last = MID_SAMPLES - 1
-    sx = k * (vx / last)[:, None] + ax[:, None]
-    sy = k * (vy / last)[:, None] + ay[:, None]
-    sx[:, last], sy[:, last] = bx, by
-    sx, sy = torch.round(sx).long(), torch.round(sy).long()
-    # PAF at image pixel (y, x) = map_y[y] . fields[.., x]: only at the samples
-    vals = fields[img[:, None, None], ch[:, None, :], sx[:, :, None]]  # (Q, 10, 2, oh)
-    f = (vals * m["map_y_64"][sy][:, :, None, :]).sum(-1)
-    mid = f[..., 0] * (vx / norm)[:, None] + f[..., 1] * (vy / norm)[:, None]
-    # (the reference sums left to right; another order changes the float64
-    # sum in its last bits, far below anything a decision depends on)
-    prior = mid.sum(-1) / MID_SAMPLES + torch.clamp(0.5 * height / norm - 1, max=0)
-    passed = ((mid > PAF_THRESHOLD).sum(-1) > 0.8 * MID_SAMPLES) & (prior > 0)
-    return prior, passed
+    heat = heat[:, :18].float()
+    found = []
+    for start in range(0, heat.shape[0], chunk):
+        x = heat[start : start + chunk]
+        b = m["blur_y"] @ (x @ m["blur_x"].T)
+        p = F.pad(b, (1, 1, 1, 1))  # zeros outside, as the reference's shifted copies
+        c = p[..., 1:-1, 1:-1]
+        is_peak = (
+            (c >= p[..., :-2, 1:-1]) & (c >= p[..., 2:, 1:-1])
+            & (c >= p[..., 1:-1, :-2]) & (c >= p[..., 1:-1, 2:]) & (c > PEAK_THRESHOLD)
+        )  # fmt: skip
+        idx = is_peak.nonzero()
+        if idx.shape[0]:
+            n, part, y, xx = idx.unbind(1)
+            score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[n, part], m["map_x"][xx])
+            idx = idx.clone()
+            idx[:, 0] += start
+            found.append(torch.cat([idx.double(), score.double()[:, None]], dim=1))
+    if not found:
+        return np.zeros((0, 5), dtype=np.float64)
+    return torch.cat(found).cpu().numpy()
 
 
 # --------------------------------------------------------------------------
-# Host side: greedy limb matching and person assembly, in plain Python on
-# the few candidates that passed (numpy per row costs more than it saves).
+# Host side: limb association and person assembly.
 
 
-def assemble(found: dict[str, np.ndarray], n_images: int) -> list[list[dict[str, Any]]]:
-    """People per image from :func:`body_candidates`' outputs on the host
-    (which must fit their capacities). Same greedy one-to-one matching per
-    limb (by descending score, ties in candidate order) and the same person
-    assembly, merging and filtering as the reference."""
-    npeaks = int(found["npeaks"])
-    peaks = found["peaks"][:npeaks]
-    scores = found["score"][:npeaks].tolist()
-    img = peaks[:, 0]
-    first = np.searchsorted(img, np.arange(n_images + 1)).tolist()
-    cnt = np.bincount(img * 18 + peaks[:, 1], minlength=n_images * 18).reshape(n_images, 18).tolist()
-    xs, ys = peaks[:, 3].tolist(), peaks[:, 2].tolist()
+def _sample(paf: np.ndarray, map_y: np.ndarray, map_x: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    """Values of a network-resolution map resampled to image pixels (sy, sx)."""
+    rows = map_y[sy.ravel()] @ paf  # (P, ow)
+    return np.einsum("pw,pw->p", rows, map_x[sx.ravel()]).reshape(sy.shape)
 
-    # connections[n][limb]: None where a part has no peak (the reference
-    # skips those limbs), else (idA, idB, score) rows in image-local ids
-    connections = [
-        [[] if c[a - 1] and c[b - 1] else None for a, b in LIMBS] for c in cnt
-    ]
-    npairs = int(found["npairs"])
-    sel = np.flatnonzero(found["ok"][:npairs])
-    if len(sel):
-        group = found["group"][sel]
-        prior = found["prior"][sel]
-        order = np.lexsort((-prior, group))  # stable: ties keep candidate order
-        current = -1
-        used_a: set[int] = set()
-        used_b: set[int] = set()
-        rows: list = []
-        limit = 0
-        for g, a, b, s in zip(
-            group[order].tolist(), found["pair_a"][sel][order].tolist(),
-            found["pair_b"][sel][order].tolist(), prior[order].tolist(),
-        ):  # fmt: skip
-            if g != current:
-                current = g
-                used_a, used_b = set(), set()
-                n, limb = divmod(g, 19)
-                rows = connections[n][limb]
-                base = first[n]
-                la, lb = LIMBS[limb]
-                limit = min(cnt[n][la - 1], cnt[n][lb - 1])
-            if len(rows) >= limit or a in used_a or b in used_b:
-                continue
-            used_a.add(a)
-            used_b.add(b)
-            rows.append((a - base, b - base, s))
 
-    people = []
-    for n in range(n_images):
-        if first[n] == first[n + 1]:
-            people.append([])
+def _limb_connections(
+    cand_a: np.ndarray, cand_b: np.ndarray, paf_x: np.ndarray, paf_y: np.ndarray,
+    map_y: np.ndarray, map_x: np.ndarray, height: int,
+) -> np.ndarray:
+    """Greedy one-to-one connections (idA, idB, score, i, j) for one limb."""
+    na, nb = len(cand_a), len(cand_b)
+    ax, ay = cand_a[:, 0][:, None], cand_a[:, 1][:, None]
+    bx, by = cand_b[:, 0][None, :], cand_b[:, 1][None, :]
+    vx, vy = np.broadcast_arrays(bx - ax, by - ay)
+    norm = np.maximum(np.sqrt(vx * vx + vy * vy), 0.001)
+    ux, uy = vx / norm, vy / norm
+    # the 10 sample points of every pair, rounded half-to-even like round()
+    sx = np.rint(np.linspace(np.broadcast_to(ax, (na, nb)), np.broadcast_to(bx, (na, nb)), MID_SAMPLES, axis=-1)).astype(np.int64)
+    sy = np.rint(np.linspace(np.broadcast_to(ay, (na, nb)), np.broadcast_to(by, (na, nb)), MID_SAMPLES, axis=-1)).astype(np.int64)
+    # PAF value at image pixel (y, x) = map_y[y] . paf . map_x[x]: evaluated
+    # only at the sample points, never at full resolution
+    fx = _sample(paf_x, map_y, map_x, sy, sx)
+    fy = _sample(paf_y, map_y, map_x, sy, sx)
+    mid = fx * ux[..., None] + fy * uy[..., None]
+    prior = mid.sum(-1) / MID_SAMPLES + np.minimum(0.5 * height / norm - 1, 0)
+    ok = ((mid > PAF_THRESHOLD).sum(-1) > 0.8 * MID_SAMPLES) & (prior > 0)
+    ii, jj = np.nonzero(ok)
+    order = np.argsort(-prior[ii, jj], kind="stable")
+    used_a: set[int] = set()
+    used_b: set[int] = set()
+    rows_out = []
+    for o in order:
+        i, j = int(ii[o]), int(jj[o])
+        if i in used_a or j in used_b:
             continue
-        lo = first[n]
-        subset = _subsets(connections[n], scores[lo : first[n + 1]])
-        found_people = []
-        for row in subset:
-            body = [None if c < 0 else (float(xs[lo + c]), float(ys[lo + c]), scores[lo + c]) for c in row[:18]]
-            found_people.append({"body": body, "score": float(row[18]), "parts": int(row[19])})
-        people.append(found_people)
-    return people
+        used_a.add(i)
+        used_b.add(j)
+        rows_out.append((cand_a[i, 3], cand_b[j, 3], prior[i, j], i, j))
+        if len(rows_out) >= min(na, nb):
+            break
+    return np.array(rows_out, dtype=np.float64).reshape(-1, 5)
 
 
-def _subsets(connections: list, scores: list[float]) -> list[list]:
-    """The reference's person assembly for one image: rows of 18 candidate
-    ids (-1 = missing), total score, part count; weak or small people dropped."""
-    subset: list[list] = []
+def associate(
+    peaks: np.ndarray, paf: np.ndarray, geo: BodyGeometry
+) -> tuple[np.ndarray, np.ndarray]:
+    """People from one image's peaks and its network-resolution PAFs.
+
+    ``peaks``: (P, 4) part, y, x, score in the reference's order; ``paf``:
+    (38, oh, ow) at network resolution. Returns the reference's ``candidate`` (P, 4: x, y, score, id)
+    and ``subset`` (people, 20: candidate index per part or -1, total score,
+    part count).
+    """
+    candidate = np.zeros((len(peaks), 4), dtype=np.float64)
+    candidate[:, 0] = peaks[:, 2]
+    candidate[:, 1] = peaks[:, 1]
+    candidate[:, 2] = peaks[:, 3]
+    candidate[:, 3] = np.arange(len(peaks))
+    parts = peaks[:, 0].astype(np.int64)
+    by_part = [candidate[parts == p] for p in range(18)]
+    paf = paf.astype(np.float64)
+    connections: list[np.ndarray | None] = []
+    for (a, b), (cx, cy) in zip(LIMBS, PAF_CHANNELS):
+        ca, cb = by_part[a - 1], by_part[b - 1]
+        if len(ca) and len(cb):
+            connections.append(
+                _limb_connections(ca, cb, paf[cx - 19], paf[cy - 19], geo.map_y, geo.map_x, geo.height)
+            )
+        else:
+            connections.append(None)
+
+    subset = np.zeros((0, 20), dtype=np.float64)
     for k, conn in enumerate(connections):
-        if not conn:
+        if conn is None:
             continue
         ia, ib = LIMBS[k][0] - 1, LIMBS[k][1] - 1
-        for pa, pb, s in conn:
-            hits = [j for j, row in enumerate(subset) if row[ia] == pa or row[ib] == pb][:2]
+        for row in conn:
+            pa, pb, s = row[0], row[1], row[2]
+            hits = [j for j in range(len(subset)) if subset[j, ia] == pa or subset[j, ib] == pb][:2]
             if len(hits) == 1:
-                row = subset[hits[0]]
-                if row[ib] != pb:
-                    row[ib] = pb
-                    row[19] += 1
-                    row[18] += scores[pb] + s
+                j = hits[0]
+                if subset[j, ib] != pb:
+                    subset[j, ib] = pb
+                    subset[j, -1] += 1
+                    subset[j, -2] += candidate[int(pb), 2] + s
             elif len(hits) == 2:
-                r1, r2 = subset[hits[0]], subset[hits[1]]
-                if not any(u >= 0 and v >= 0 for u, v in zip(r1[:18], r2[:18])):  # disjoint: merge
-                    for t in range(18):
-                        r1[t] += r2[t] + 1
-                    r1[18] += r2[18]
-                    r1[19] += r2[19]
-                    r1[18] += s
-                    del subset[hits[1]]
+                j1, j2 = hits
+                both = ((subset[j1] >= 0).astype(int) + (subset[j2] >= 0).astype(int))[:-2]
+                if not np.any(both == 2):  # disjoint: merge
+                    subset[j1, :-2] += subset[j2, :-2] + 1
+                    subset[j1, -2:] += subset[j2, -2:]
+                    subset[j1, -2] += s
+                    subset = np.delete(subset, j2, 0)
                 else:
-                    r1[ib] = pb
-                    r1[19] += 1
-                    r1[18] += scores[pb] + s
+                    subset[j1, ib] = pb
+                    subset[j1, -1] += 1
+                    subset[j1, -2] += candidate[int(pb), 2] + s
             elif k < 17:
-                row = [-1] * 18 + [0.0, 2]
-                row[ia], row[ib] = pa, pb
-                row[18] = scores[pa] + scores[pb] + s
-                subset.append(row)
-    return [row for row in subset if not (row[19] < 4 or row[18] / row[19] < 0.4)]
+                new = -np.ones(20)
+                new[ia], new[ib] = pa, pb
+                new[-1] = 2
+                new[-2] = candidate[int(pa), 2] + candidate[int(pb), 2] + s
+                subset = np.vstack([subset, new])
+    keep = ~((subset[:, -1] < 4) | (subset[:, -2] / np.maximum(subset[:, -1], 1e-12) < 0.4))
+    return candidate, subset[keep]
+
+
+def people_from(candidate: np.ndarray, subset: np.ndarray) -> list[dict[str, Any]]:
+    """Each person: 18 body keypoints (x, y, score) in detection pixels or None."""
+    people = []
+    for row in subset:
+        kps = []
+        for ci in row[:18].astype(int):
+            kps.append(None if ci == -1 else (candidate[ci, 0], candidate[ci, 1], candidate[ci, 2]))
+        people.append({"body": kps, "score": float(row[18]), "parts": int(row[19])})
+    return people
 
 
 # --------------------------------------------------------------------------
@@ -578,19 +441,17 @@ def draw_pose(canvas: np.ndarray, person: dict[str, Any], height: int, width: in
     """Draw one person (body, then hands, then face) onto an RGB canvas."""
     body = person.get("body_norm")
     if body is not None:
-        w, h = float(width), float(height)
-        for (a, b), fill in zip(LIMBS[:17], LIMB_FILLS):
+        for (a, b), color in zip(LIMBS[:17], BODY_COLORS):
             k1, k2 = body[a - 1], body[b - 1]
             if k1 is None or k2 is None:
                 continue
-            # the reference's float64 arithmetic, on Python floats (its numpy
-            # two-element arrays cost more than the drawing)
-            y1, y2 = k1[0] * w, k2[0] * w
-            x1, x2 = k1[1] * h, k2[1] * h
-            length = ((x1 - x2) ** 2 + (y1 - y2) ** 2) ** 0.5
-            angle = math.degrees(math.atan2(x1 - x2, y1 - y2))
-            poly = cv2.ellipse2Poly((int((y1 + y2) / 2), int((x1 + x2) / 2)), (int(length / 2), 4), int(angle), 0, 360, 1)
-            cv2.fillConvexPoly(canvas, poly, fill)
+            ys = np.array([k1[0], k2[0]]) * float(width)
+            xs = np.array([k1[1], k2[1]]) * float(height)
+            mx, my = np.mean(xs), np.mean(ys)
+            length = ((xs[0] - xs[1]) ** 2 + (ys[0] - ys[1]) ** 2) ** 0.5
+            angle = math.degrees(math.atan2(xs[0] - xs[1], ys[0] - ys[1]))
+            poly = cv2.ellipse2Poly((int(my), int(mx)), (int(length / 2), 4), int(angle), 0, 360, 1)
+            cv2.fillConvexPoly(canvas, poly, [int(float(c) * 0.6) for c in color])
         for k, color in zip(body, BODY_COLORS):
             if k is not None:
                 cv2.circle(canvas, (int(int(k[0] * width)), int(int(k[1] * height))), 4, color, thickness=-1)
@@ -634,9 +495,6 @@ class OpenPose(Annotator):
         hands, face: also detect and draw hands / face (ControlNet "openpose_full").
         detect_resolution: shorter side the detector sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size.
-        chunk_size: images per pipeline chunk (outputs do not depend on it);
-            None = a quarter of the batch on a GPU (at least 8), so the host
-            assembles and draws one chunk while the device computes the next.
     """
 
     name = "openpose"
@@ -653,30 +511,11 @@ class OpenPose(Annotator):
         hands: bool = False,
         face: bool = False,
         detect_resolution: int | None = None,
-        chunk_size: int | None = None,
     ) -> None:
         common = W.network_options("openpose", weights, device, precision, detect_resolution)
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError("openpose chunk_size must be >= 1")
-        super().__init__(
-            **common, hands=bool(hands), face=bool(face),
-            chunk_size=None if chunk_size is None else int(chunk_size),
-        )  # fmt: skip
+        super().__init__(**common, hands=bool(hands), face=bool(face))
         self._body = None
         self._geometry: dict[tuple[int, int], BodyGeometry] = {}
-        # Per-image room for peaks and candidate limbs in the fixed-size
-        # device outputs; grown (and the chunk recomputed) when a chunk needs
-        # more, so outputs never depend on them. ``overflows`` counts those
-        # recomputations.
-        self._peak_room = PEAK_ROOM
-        self._pair_room = PAIR_ROOM
-        self.overflows = 0
-        self._pool = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_pool"] = None  # threads do not travel; a copy starts its own
-        return state
 
     # -- setup ---------------------------------------------------------------
 
@@ -742,45 +581,24 @@ class OpenPose(Annotator):
             paf, heat = self._body(W.to_input(x, self._device, self._dtype))
             return paf, heat
 
-    def launch_bodies(self, batch_u8: Any, geo: BodyGeometry, dsize: tuple[int, int]) -> tuple:
-        """Queue the body pass of an (N, 3, H, W) uint8 RGB batch: network,
-        peak search and limb scoring on the device, and the copy of the
-        (small) results to the host. Nothing here waits for the device."""
+    def detect_bodies(self, batch_u8: Any) -> tuple[list[list[dict]], tuple[int, int]]:
+        """People per image (detection pixels) for an (N, 3, H, W) uint8 RGB batch."""
         import torch
 
-        n = batch_u8.shape[0]
+        h, w = batch_u8.shape[-2:]
+        dsize = self.detect_size(h, w)
+        geo = self.geometry(*dsize)
         with torch.inference_mode():
             x = W.resize_batch(batch_u8.float(), dsize)
             paf, heat = self.forward(body_input(x, geo))
-            caps = (self._peak_room * n, self._pair_room * n)
-            found = body_candidates(heat, paf, geo, *caps)
-        # the network maps stay on the device (small) in case the chunk must
-        # be scored again with more room
-        return W.HostCopy(found, self._device), (heat, paf), caps
-
-    def finish_bodies(self, pending: tuple, geo: BodyGeometry) -> list[list[dict]]:
-        """People per image (detection pixels) of a launched body pass."""
-        import torch
-
-        copy, (heat, paf), (peak_cap, pair_cap) = pending
-        found = copy.arrays()
-        n = heat.shape[0]
-        npeaks, npairs = int(found["npeaks"]), int(found["npairs"])
-        if npeaks > peak_cap or npairs > pair_cap:
-            # rare (e.g. noisy maps with hundreds of peaks): redo this chunk
-            # with exact room (twice at most: candidate limbs are counted
-            # right only once all peaks fit), and keep more room for the
-            # following chunks
-            self.overflows += 1
-            while npeaks > peak_cap or npairs > pair_cap:
-                peak_cap, pair_cap = max(npeaks, peak_cap), max(npairs, pair_cap)
-                with torch.inference_mode():
-                    out = body_candidates(heat, paf, geo, peak_cap, pair_cap)
-                    found = {k: v.cpu().numpy() for k, v in out.items()}
-                npeaks, npairs = int(found["npeaks"]), int(found["npairs"])
-            self._peak_room = max(self._peak_room, 2 * -(-npeaks // n))
-            self._pair_room = max(self._pair_room, 2 * -(-npairs // n))
-        return assemble(found, n)
+            peaks = find_peaks(heat, geo)  # one host sync for the whole batch
+            paf = paf.float().cpu().numpy()
+        out = []
+        for n in range(batch_u8.shape[0]):
+            mine = peaks[peaks[:, 0] == n][:, 1:]
+            candidate, subset = associate(mine, paf[n], geo)
+            out.append(people_from(candidate, subset))
+        return out, dsize
 
     # -- hands and face --------------------------------------------------------
 
@@ -904,13 +722,14 @@ class OpenPose(Annotator):
         """OpenPose-style JSON in sample pixels."""
         sy, sx = size[0] / dsize[0], size[1] / dsize[1]
 
-        def flat(points):  # hand and face points: confidence 1
+        def flat(points, scores=None):
             out = []
-            for p in points:
+            for i, p in enumerate(points):
                 if p is None:
                     out += [0.0, 0.0, 0.0]
                 else:
-                    out += [round(float(p[0]) * sx, 2), round(float(p[1]) * sy, 2), 1.0]
+                    c = 1.0 if scores is None else float(scores[i])
+                    out += [round(float(p[0]) * sx, 2), round(float(p[1]) * sy, 2), round(c, 4)]
             return out
 
         def norm_points(arr, n):
@@ -922,24 +741,15 @@ class OpenPose(Annotator):
                     pts.append((arr[i][0] * dsize[1], arr[i][1] * dsize[0]))
             return pts
 
-        # body keypoints are whole detection pixels: at the sample's own size
-        # rounding them changes nothing (and costs most of this function)
-        whole = sx == 1.0 and sy == 1.0
-
-        def flat_body(body):
-            out = []
-            for k in body:
-                if k is None:
-                    out += [0.0, 0.0, 0.0]
-                elif whole and float(k[0]).is_integer() and float(k[1]).is_integer():
-                    out += [float(k[0]), float(k[1]), round(float(k[2]), 4)]
-                else:
-                    out += [round(float(k[0]) * sx, 2), round(float(k[1]) * sy, 2), round(float(k[2]), 4)]
-            return out
-
         result = []
         for person in people:
-            entry = {"pose_keypoints_2d": flat_body(person["body"])}
+            body = person["body"]
+            entry = {
+                "pose_keypoints_2d": flat(
+                    [None if k is None else (k[0], k[1]) for k in body],
+                    [0.0 if k is None else k[2] for k in body],
+                )
+            }
             if self._options["hands"]:
                 entry["hand_left_keypoints_2d"] = flat(norm_points(person.get("left_hand_norm"), 21))
                 entry["hand_right_keypoints_2d"] = flat(norm_points(person.get("right_hand_norm"), 21))
@@ -958,70 +768,33 @@ class OpenPose(Annotator):
         self.setup()
         images = [check_image(im) for im in images]
         results: list[Annotation | None] = [None] * len(images)
-        # JSON and drawing (OpenCV, which releases the GIL) run on a thread
-        # pool while the main thread queues the next chunks on the device
-        pool = self._drawing_pool()
-        pending: list[tuple[int, Any]] = []
         for (h, w), idx in W.group_by_shape(images).items():
-            dsize = self.detect_size(h, w)
-            geo = self.geometry(*dsize)
-
-            def launch(a: int, b: int, idx=idx, geo=geo, dsize=dsize):
-                ids = idx[a:b]
-                batch = W.images_to_device([images[i] for i in ids], self._device)
-                return ids, self.launch_bodies(batch, geo, dsize)
-
-            def finish(handle, geo=geo, dsize=dsize, size=(h, w)) -> None:
-                ids, bodies = handle
-                for i, people in zip(ids, self.finish_bodies(bodies, geo)):
-                    if self._options["hands"] or self._options["face"]:
-                        # networks again: on this thread, batched per image
-                        image = images[i] if dsize == size else _resize_like_reference(images[i], dsize)
-                        self.add_hands_and_face(image, people)
-                    if pool is None:
-                        results[i] = self._annotation(people, dsize, size)
-                    else:
-                        pending.append((i, pool.submit(self._annotation, people, dsize, size)))
-
-            chunk = W.chunk_size(self._options["chunk_size"], len(idx), self._device)
-            W.pipelined(len(idx), chunk, launch, finish)
-        for i, future in pending:
-            results[i] = future.result()
+            batch = W.images_to_device([images[i] for i in idx], self._device)
+            people_per_image, dsize = self.detect_bodies(batch)
+            for j, i in enumerate(idx):
+                people = people_per_image[j]
+                if self._options["hands"] or self._options["face"]:
+                    img = images[i]
+                    if dsize != (h, w):
+                        img = _resize_like_reference(img, dsize)
+                    self.add_hands_and_face(img, people)
+                doc = self.to_json(people, dsize, (h, w))
+                meta = {
+                    "people": len(people),
+                    "keypoints": int(sum(k is not None for p in people for k in p["body"])),
+                }
+                if self._options["hands"]:
+                    meta["hand_keypoints"] = int(
+                        sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
+                            for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
+                    )
+                if self._options["face"]:
+                    meta["face_keypoints"] = int(
+                        sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
+                    )
+                canvas = self.render(people, dsize, (h, w))
+                results[i] = Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
         return results  # type: ignore[return-value]
-
-    def _drawing_pool(self):
-        """Threads for JSON and drawing (None with a single CPU)."""
-        if self._pool is None:
-            try:
-                cpus = len(os.sched_getaffinity(0))
-            except AttributeError:  # pragma: no cover - not on Linux
-                cpus = os.cpu_count() or 1
-            if cpus > 1:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(min(DRAW_THREADS, cpus), thread_name_prefix="openpose-draw")
-            else:
-                self._pool = False
-        return self._pool or None
-
-    def _annotation(self, people: list[dict], dsize: tuple[int, int], size: tuple[int, int]) -> Annotation:
-        """Members and metadata of one image from its people."""
-        doc = self.to_json(people, dsize, size)
-        meta = {
-            "people": len(people),
-            "keypoints": int(sum(k is not None for p in people for k in p["body"])),
-        }
-        if self._options["hands"]:
-            meta["hand_keypoints"] = int(
-                sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
-                    for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
-            )  # fmt: skip
-        if self._options["face"]:
-            meta["face_keypoints"] = int(
-                sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
-            )
-        canvas = self.render(people, dsize, size)
-        return Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
 
 
 def _align_corners_matrix(src: int, dst: int) -> np.ndarray:

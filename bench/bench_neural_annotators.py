@@ -14,9 +14,7 @@ For each annotator it measures, in one run:
   output replaced by heatmaps/PAFs of known skeletons (one to three people
   per image), so peak search, limb association and drawing do real work
   (random weights detect nobody). The headline numbers stay the random-weight
-  ones. With it, the host-side milliseconds per image of OpenPose's finish
-  step measured on one thread (matching and assembly; JSON and drawing) and
-  how often a chunk was scored again for lack of room in the device outputs.
+  ones.
 
 ``ours`` and ``bare_forward`` are timed over the same number of images (at
 least ``--images``, default 1024) in batches of ``--batch-size``, after
@@ -182,37 +180,6 @@ class _WithDetections:
         return self.paf[pick], self.heat[pick]
 
 
-def openpose_host_costs(ann, images: list[np.ndarray], geo, reps: int = 5) -> dict:
-    """Host-side milliseconds per image of the OpenPose finish step on one
-    batch, on one thread: matching and person assembly from the device
-    results, then JSON and drawing. Also how often a chunk had to be scored
-    again for lack of room in the fixed-size device outputs."""
-    from annotators import openpose as OP
-    from annotators import weights as W
-
-    size = images[0].shape[:2]
-    copy, _, (peak_cap, pair_cap) = ann.launch_bodies(W.images_to_device(images, ann._device), geo, size)
-    found = copy.arrays()
-    n = len(images)
-    if int(found["npeaks"]) > peak_cap or int(found["npairs"]) > pair_cap:
-        return {"device_room_overflows": ann.overflows}  # rooms too small: not timed
-    t = time.perf_counter()
-    for _ in range(reps):
-        people = OP.assemble(found, n)
-    t_assemble = (time.perf_counter() - t) / (reps * n)
-    t = time.perf_counter()
-    for _ in range(reps):
-        for p in OP.assemble(found, n):
-            ann._annotation(p, size, size)
-    t_draw = (time.perf_counter() - t) / (reps * n) - t_assemble
-    return {
-        "host_assemble_ms_per_image_with_detections": round(t_assemble * 1e3, 4),
-        "host_json_draw_ms_per_image_with_detections": round(t_draw * 1e3, 4),
-        "device_room_overflows": ann.overflows,
-        "people_per_image_in_host_costs": round(sum(map(len, people)) / n, 3),
-    }
-
-
 def reference_rate(det, images: list[np.ndarray], device) -> float:
     import torch
 
@@ -262,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             ann = create_annotator(
                 name, weights=folder, device=str(device), precision=args.precision,
-                chunk_size=args.chunk_size,
+                **({"chunk_size": args.chunk_size} if name in ("hed", "mlsd") else {}),
             )
             ann.setup()
             if device.type == "cuda":
@@ -281,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_with_detections_img_s": round(rate, 2),
                     "fraction_of_bare_forward_with_detections": round(rate / bare, 3),
                     **{f"{k}_with_detections": v for k, v in seen.items()},
-                    **openpose_host_costs(ann, images[: args.batch_size], geo),
                 }
             del ann
             if device.type == "cuda":
