@@ -437,10 +437,17 @@ def fetch(*tensors: "torch.Tensor") -> list[np.ndarray]:
     on the device, copied once (one transfer, one synchronisation instead of
     one per tensor) and unpacked as views of that host buffer.
     """
-    import torch
-
     if not tensors:
         return []
+    packed, layout = _pack(tensors)
+    return _unpack(packed.cpu().numpy(), layout)
+
+
+def _pack(tensors: Sequence["torch.Tensor"]) -> tuple["torch.Tensor", list[tuple[int, int, Any, tuple[int, ...]]]]:
+    """The tensors' bytes in one uint8 tensor on their device, each array
+    aligned to 16 bytes, and the (offset, bytes, dtype, shape) of each."""
+    import torch
+
     parts, layout, offset = [], [], 0
     for t in tensors:
         t = t.detach().contiguous()
@@ -452,7 +459,13 @@ def fetch(*tensors: "torch.Tensor") -> list[np.ndarray]:
         parts.append(raw)
         layout.append((offset, raw.numel(), t.dtype, tuple(t.shape)))
         offset += raw.numel()
-    host = torch.cat(parts).cpu().numpy()
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), layout
+
+
+def _unpack(host: np.ndarray, layout: list[tuple[int, int, Any, tuple[int, ...]]]) -> list[np.ndarray]:
+    """Numpy views of a packed host buffer (see :func:`_pack`)."""
+    import torch
+
     out = []
     for start, nbytes, dtype, shape in layout:
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
@@ -515,18 +528,7 @@ class PendingFetch:
         if not tensors:
             self._host = None
             return
-        parts, offset = [], 0
-        for t in tensors:
-            t = t.detach().contiguous()
-            raw = t.reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-            pad = -offset % 16  # keep every array aligned for its dtype
-            if pad:
-                parts.append(raw.new_zeros(pad))
-                offset += pad
-            parts.append(raw)
-            self._layout.append((offset, raw.numel(), t.dtype, tuple(t.shape)))
-            offset += raw.numel()
-        packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+        packed, self._layout = _pack(tensors)
         if packed.device.type == "cuda":
             host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -542,8 +544,6 @@ class PendingFetch:
 
     def arrays(self) -> list[np.ndarray]:
         """The tensors as numpy arrays, in the order given (waits for the copy)."""
-        import torch
-
         if self._host is None:
             return []
         if self._event is not None:
@@ -552,11 +552,7 @@ class PendingFetch:
         else:
             host = self._host.numpy()
         self._host = None
-        out = []
-        for start, nbytes, dtype, shape in self._layout:
-            np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-            out.append(host[start : start + nbytes].view(np_dtype).reshape(shape))
-        return out
+        return _unpack(host, self._layout)
 
 
 def fetch_async(*tensors: "torch.Tensor") -> PendingFetch:
