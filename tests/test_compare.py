@@ -393,3 +393,11 @@ def test_config_errors_and_unlock_rules(compare_run, tmp_path):
     assert main(common + ["--method", "xattn_adapter", "--lite-channels", "16", "--train-batch-size", "2",
                           "--output-dir", str(tmp_path / "c")]) == 0
     assert json.loads(open(tmp_path / "c" / "metrics.jsonl").readline())["step"] == 1
+
+
+def test_workers_see_the_parents_gpus():
+    from training.compare import visible_device
+
+    assert visible_device(0, None) == "0" and visible_device(1, "") == "1"
+    assert visible_device(0, "2,3") == "2" and visible_device(1, "2, 3") == "3"
+    assert visible_device(1, "GPU-aaaa,GPU-bbbb") == "GPU-bbbb"

@@ -567,9 +567,16 @@ def resolve_gpus(value) -> int:
     return max(1, min(want, have)) if have else 1
 
 
-def _pin_gpu(gpu: int) -> None:
+def visible_device(index: int, visible: str | None) -> str:
+    """What ``CUDA_VISIBLE_DEVICES`` must say for a worker to see only the
+    parent's GPU number ``index`` (the parent may itself see a subset)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else []
+    return ids[index] if index < len(ids) else str(index)
+
+
+def _pin_gpu(gpu: int, visible: str | None) -> None:
     # Runs first in a fresh (spawned) worker, before CUDA is initialised there.
-    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_device(gpu, visible)
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s gpu{gpu} %(name)s: %(message)s")
 
 
@@ -583,7 +590,9 @@ def run_parallel(entries: list[dict], job: dict, gpus: int, finished, per_gpu: i
 
     ctx = multiprocessing.get_context("spawn")
     slots = [g for _ in range(per_gpu) for g in range(gpus)]  # spread over the GPUs first
-    pools = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in slots]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pools = [ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_pin_gpu, initargs=(g, visible))
+             for g in slots]
     log.info("training %d methods, %d at a time on %d GPU(s)", len(entries), len(slots), gpus)
     try:
         queue = list(enumerate(entries))
