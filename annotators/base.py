@@ -135,6 +135,16 @@ def check_image(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def check_chunk_size(name: str, chunk_size: Any) -> int | None:
+    """The ``chunk_size`` option of annotators that split a batch to overlap
+    host and device work: None (the annotator's default) or an int >= 1."""
+    if chunk_size is None:
+        return None
+    if int(chunk_size) < 1:
+        raise ValueError(f"{name} chunk_size must be >= 1, got {chunk_size!r}")
+    return int(chunk_size)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]

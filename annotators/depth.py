@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from annotators.base import Annotation, Annotator, check_image
+from annotators.base import Annotation, Annotator, check_chunk_size, check_image
 from annotators.registry import register_annotator
 
 #: Short names accepted for ``model``, besides any repo id or local folder.
@@ -326,7 +326,8 @@ class _MidasBase(Annotator):
         """
         import torch
 
-        from annotators.hf_models import fetch_async, forward_chunk, group_by_size, run_pipelined, split_chunks
+        from annotators.hf_models import fetch_async, group_by_size, run_pipelined, split_chunks
+        from annotators.weights import chunk_size
 
         self.setup()
         m = self._model
@@ -338,7 +339,7 @@ class _MidasBase(Annotator):
             preds = [None] * len(images)
         out: list[Annotation | None] = [None] * len(images)
         order = [i for idx in group_by_size(images).values() for i in idx]
-        chunk = forward_chunk(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
+        chunk = chunk_size(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
 
         def launch(ids: list[int]) -> list:
             if computed:
@@ -362,10 +363,8 @@ class _MidasBase(Annotator):
         return out
 
 
-def _common_options(chunk_size: int | None, compile: bool) -> dict[str, Any]:
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
-    return {"chunk_size": None if chunk_size is None else int(chunk_size), "compile": bool(compile)}
+def _common_options(name: str, chunk_size: int | None, compile: bool) -> dict[str, Any]:
+    return {"chunk_size": check_chunk_size(name, chunk_size), "compile": bool(compile)}
 
 
 @register_annotator
@@ -404,7 +403,7 @@ class Depth(_MidasBase):
             raise ValueError(f"depth bits must be 8 or 16, got {bits!r}")
         super().__init__(
             model=str(model), device=device, precision=precision, bits=int(bits),
-            **_common_options(chunk_size, compile),
+            **_common_options("depth", chunk_size, compile),
         )
 
     def annotate_batch(self, images, keys=None):
@@ -465,7 +464,7 @@ class Normal(_MidasBase):
             raise ValueError(f"normal a must be > 0, got {a!r}")
         super().__init__(
             model=str(model), device=device, precision=precision, bg_th=float(bg_th), a=float(a),
-            **_common_options(chunk_size, compile),
+            **_common_options("normal", chunk_size, compile),
         )
 
     def annotate_batch(self, images, keys=None):

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from annotators.base import Annotation, Annotator, check_image
+from annotators.base import Annotation, Annotator, check_chunk_size, check_image
 from annotators.registry import register_annotator
 from annotators import weights as W
 
@@ -133,13 +133,11 @@ class HED(Annotator):
         chunk_size: int | None = None,
     ) -> None:
         common = W.network_options("hed", weights, device, precision, detect_resolution)
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError("hed chunk_size must be >= 1")
         super().__init__(
             **common,
             safe=bool(safe),
             scribble=bool(scribble),
-            chunk_size=None if chunk_size is None else int(chunk_size),
+            chunk_size=check_chunk_size("hed", chunk_size),
         )
         if scribble:
             self.members = ("hed.png", "scribble.png")

@@ -561,18 +561,6 @@ def fetch_async(*tensors: "torch.Tensor") -> PendingFetch:
     return PendingFetch(tensors)
 
 
-def forward_chunk(option: int | None, n: int, device: "torch.device", gpu_chunk: int) -> int:
-    """Images per forward pass when a batch of ``n`` is split to overlap host
-    and device work: ``option`` when given; on a GPU ``gpu_chunk`` (the
-    annotator's choice, sized so that the device stays efficient); on the
-    CPU the whole batch (nothing to overlap with)."""
-    if option is not None:
-        return max(1, int(option))
-    if getattr(device, "type", str(device)) == "cuda":
-        return max(1, int(gpu_chunk))
-    return max(1, n)
-
-
 def split_chunks(idx: Sequence[int], chunk: int) -> list[list[int]]:
     """``idx`` in consecutive pieces of at most ``chunk``, balanced so that no
     piece is much smaller than the others (40 at 32 -> 20 + 20, not 32 + 8)."""

@@ -23,7 +23,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from annotators.base import Annotation, Annotator, check_image
+from annotators.base import Annotation, Annotator, check_chunk_size, check_image
 from annotators.registry import register_annotator
 from annotators import weights as W
 
@@ -105,11 +105,9 @@ class MLSD(Annotator):
         common = W.network_options("mlsd", weights, device, precision, detect_resolution)
         if thr_v < 0 or thr_d < 0:
             raise ValueError("mlsd thr_v and thr_d must be >= 0")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError("mlsd chunk_size must be >= 1")
         super().__init__(
             **common, thr_v=float(thr_v), thr_d=float(thr_d),
-            chunk_size=None if chunk_size is None else int(chunk_size),
+            chunk_size=check_chunk_size("mlsd", chunk_size),
         )  # fmt: skip
         self._net = None
 

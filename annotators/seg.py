@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from annotators.base import Annotation, Annotator, check_image
+from annotators.base import Annotation, Annotator, check_chunk_size, check_image
 from annotators.registry import register_annotator
 
 #: Short names accepted for ``model``, besides any repo id or local folder.
@@ -257,11 +257,9 @@ class Seg(Annotator):
     ) -> None:
         if not 0.0 <= float(min_fraction) < 1.0:
             raise ValueError(f"seg min_fraction must be in [0, 1), got {min_fraction!r}")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"seg chunk_size must be >= 1, got {chunk_size!r}")
         super().__init__(
             model=str(model), device=device, precision=precision, min_fraction=float(min_fraction),
-            chunk_size=None if chunk_size is None else int(chunk_size), compile=bool(compile),
+            chunk_size=check_chunk_size("seg", chunk_size), compile=bool(compile),
         )
 
     def preflight(self) -> None:
@@ -277,15 +275,15 @@ class Seg(Annotator):
     def annotate_batch(self, images, keys=None):
         import torch
 
-        from annotators.hf_models import (fetch_async, forward_chunk, group_by_size, model_batches,
-                                          run_pipelined, split_chunks)
+        from annotators.hf_models import fetch_async, group_by_size, model_batches, run_pipelined, split_chunks
+        from annotators.weights import chunk_size
 
         self.setup()
         m = self._model
         images = [check_image(im) for im in images]
         out: list[Annotation | None] = [None] * len(images)
         order = [i for idx in group_by_size(images).values() for i in idx]
-        chunk = forward_chunk(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
+        chunk = chunk_size(self._options["chunk_size"], len(images), m.device, GPU_CHUNK)
 
         def launch(ids: list[int]) -> list:
             # queue upload, forward, post-processing and the copy back of one

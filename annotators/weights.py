@@ -431,16 +431,18 @@ class HostCopy:
         return out
 
 
-def chunk_size(option: int | None, n: int, device) -> int:
-    """Images per pipeline chunk: ``option`` when given; on CUDA a quarter of
-    the batch (at least 8) so that host and device work overlap; on the CPU
-    the whole batch (nothing to overlap with)."""
+def chunk_size(option: int | None, n: int, device, gpu_chunk: int | None = None) -> int:
+    """Images per chunk when a batch of ``n`` is split so that host and
+    device work overlap: ``option`` when given; on CUDA ``gpu_chunk`` (the
+    annotator's choice, sized so that the device stays efficient), by
+    default a quarter of the batch (at least 8); on the CPU the whole batch
+    (nothing to overlap with)."""
     import torch
 
     if option is not None:
         return max(1, int(option))
     if torch.device(device).type == "cuda":
-        return max(8, -(-n // 4))
+        return max(1, int(gpu_chunk)) if gpu_chunk is not None else max(8, -(-n // 4))
     return max(1, n)
 
 

@@ -543,6 +543,7 @@ def test_class_counts_match_per_image_bincount():
 
 def test_split_chunks_and_batch_buckets():
     from annotators._torch import batch_bucket
+    from annotators.weights import chunk_size
 
     assert hf_models.split_chunks(range(40), 32) == [list(range(20)), list(range(20, 40))]
     assert hf_models.split_chunks([5, 3, 9], 2) == [[5, 3], [9]]
@@ -554,9 +555,9 @@ def test_split_chunks_and_batch_buckets():
         b = batch_bucket(n)
         assert b >= n and b & (b - 1) == 0 and b < 2 * n
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert hf_models.forward_chunk(None, 48, cpu, 16) == 48  # nothing to overlap on the CPU
-    assert hf_models.forward_chunk(None, 48, gpu, 16) == 16
-    assert hf_models.forward_chunk(4, 48, cpu, 16) == 4
+    assert chunk_size(None, 48, cpu, 16) == 48  # nothing to overlap on the CPU
+    assert chunk_size(None, 48, gpu, 16) == 16
+    assert chunk_size(4, 48, cpu, 16) == 4
 
 
 def test_fetch_async_matches_fetch():
