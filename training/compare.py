@@ -64,15 +64,9 @@ class EvalSettings:
 
 def load_config(path: str) -> dict:
     """Read and check a compare YAML file."""
-    import yaml
+    from training.config import read_yaml_mapping
 
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read --config {path}: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise UsageError(f"--config {path} must hold a mapping")
+    cfg = read_yaml_mapping(path)
     check_config(cfg, path)
     return cfg
 

@@ -164,8 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kw)
 
 
-def load_yaml(path: str) -> dict:
-    """Options from a YAML file, keys normalised to field names."""
+def read_yaml_mapping(path: str, what: str = "a mapping") -> dict:
+    """A ``--config`` YAML file that must hold a mapping (empty file: {})."""
     import yaml
 
     try:
@@ -174,7 +174,13 @@ def load_yaml(path: str) -> dict:
     except OSError as exc:
         raise UsageError(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold a mapping of option: value")
+        raise UsageError(f"--config {path} must hold {what}")
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    """Options from a YAML file, keys normalised to field names."""
+    data = read_yaml_mapping(path, "a mapping of option: value")
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in data.items():
