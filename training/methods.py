@@ -229,11 +229,44 @@ class GaussianControlNetMethod(ControlNetMethod):
 
 
 # --------------------------------------------------------------------------
-# 3. the condition as extra input channels
+# 3. the condition as extra input channels, on top of plain text-to-image
+#    fine-tuning (also used to pre-train a base on the task's images)
 
 
 @register_method
-class ConcatMethod(ConditioningMethod):
+class UNetFinetuneMethod(ConditioningMethod):
+    """Plain text-to-image fine-tuning of the whole UNet; the condition is
+    ignored. Used to pre-train a base on a new image domain so that it draws
+    the domain but follows no spatial condition. Exports ``unet/``."""
+
+    name = "unet"
+    can_unlock = False
+
+    def __init__(self, base: Base, *, learning_rate: float = 1e-5, **_) -> None:
+        super().__init__()
+        self.unet = base.unet
+        self.learning_rate = learning_rate
+
+    def forward(self, noisy_latents, timesteps, text_embeddings, conditioning=None):
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+
+    def param_groups(self, phase: str) -> list[dict]:
+        return [{"name": "unet", "params": list(self.unet.parameters()), "lr": self.learning_rate}]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.unet.enable_gradient_checkpointing()
+
+    def export(self, out_dir: str, unet_changed: bool = False, full_precision_unet=None) -> dict[str, str]:
+        udir = os.path.join(out_dir, "unet")
+        self.unet.save_pretrained(udir, safe_serialization=True)
+        return {"unet": udir}
+
+    def pipeline(self, base: Base):
+        return ConditionedSampler(base, self)
+
+
+@register_method
+class ConcatMethod(UNetFinetuneMethod):
     """The condition concatenated to the noisy latents as extra input
     channels of the UNet's ``conv_in``; the whole UNet trains.
 
@@ -246,8 +279,7 @@ class ConcatMethod(ConditioningMethod):
     can_unlock = False
 
     def __init__(self, base: Base, *, conditioning_channels: int = 3, learning_rate: float = 1e-5, **_) -> None:
-        super().__init__()
-        self.unet = base.unet
+        super().__init__(base, learning_rate=learning_rate)
         self.factor = vae_scale_factor(base)
         self.conditioning_channels = conditioning_channels
         self.latent_channels = base.unet.config.in_channels
@@ -261,33 +293,22 @@ class ConcatMethod(ConditioningMethod):
             new.bias.copy_(old.bias)
         self.unet.conv_in = new
         self.unet.register_to_config(in_channels=old.in_channels + extra)
-        self.learning_rate = learning_rate
 
     def forward(self, noisy_latents, timesteps, text_embeddings, conditioning):
         cond = F.pixel_unshuffle(conditioning.to(noisy_latents.dtype), self.factor)
         x = torch.cat([noisy_latents, cond], dim=1)
         return self.unet(x, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)[0]
 
-    def param_groups(self, phase: str) -> list[dict]:
-        return [{"name": "unet", "params": list(self.unet.parameters()), "lr": self.learning_rate}]
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
-
     def export(self, out_dir: str, unet_changed: bool = False, full_precision_unet=None) -> dict[str, str]:
         """``unet/`` (diffusers; ``in_channels`` = latent + condition channels)
         and ``conditioning.json`` describing the input layout."""
-        udir = os.path.join(out_dir, "unet")
-        self.unet.save_pretrained(udir, safe_serialization=True)
+        udir = super().export(out_dir)["unet"]
         path = os.path.join(out_dir, "conditioning.json")
         with open(path, "w") as f:
             json.dump({"method": self.name, "input": "concat([latents, pixel_unshuffle(condition, factor)], dim=1)",
                        "latent_channels": self.latent_channels, "conditioning_channels": self.conditioning_channels,
                        "factor": self.factor, "condition_range": [0, 1]}, f, indent=2)
         return {"unet": udir, "config": path}
-
-    def pipeline(self, base: Base):
-        return ConditionedSampler(base, self)
 
 
 # --------------------------------------------------------------------------
@@ -507,42 +528,6 @@ class CrossAttnAdapterMethod(_DecoderUnlockMixin, ConditioningMethod):
         holder = nn.ModuleDict({"encoder": self.encoder, "adapters": self.adapters})
         paths = _save_module(holder, out_dir, "xattn_adapter", self.config)
         return {**paths, **self._export_unet(out_dir, unet_changed, full_precision_unet)}
-
-    def pipeline(self, base: Base):
-        return ConditionedSampler(base, self)
-
-
-# --------------------------------------------------------------------------
-# text-to-image fine-tuning (pre-training a base on the task's images)
-
-
-@register_method
-class UNetFinetuneMethod(ConditioningMethod):
-    """Plain text-to-image fine-tuning of the whole UNet; the condition is
-    ignored. Used to pre-train a base on a new image domain so that it draws
-    the domain but follows no spatial condition. Exports ``unet/``."""
-
-    name = "unet"
-    can_unlock = False
-
-    def __init__(self, base: Base, *, learning_rate: float = 1e-5, **_) -> None:
-        super().__init__()
-        self.unet = base.unet
-        self.learning_rate = learning_rate
-
-    def forward(self, noisy_latents, timesteps, text_embeddings, conditioning=None):
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)[0]
-
-    def param_groups(self, phase: str) -> list[dict]:
-        return [{"name": "unet", "params": list(self.unet.parameters()), "lr": self.learning_rate}]
-
-    def enable_gradient_checkpointing(self) -> None:
-        self.unet.enable_gradient_checkpointing()
-
-    def export(self, out_dir: str, unet_changed: bool = False, full_precision_unet=None) -> dict[str, str]:
-        udir = os.path.join(out_dir, "unet")
-        self.unet.save_pretrained(udir, safe_serialization=True)
-        return {"unet": udir}
 
     def pipeline(self, base: Base):
         return ConditionedSampler(base, self)
