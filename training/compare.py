@@ -61,6 +61,11 @@ class EvalSettings:
     grid_images: int = 8
     loss_timesteps: tuple[int, ...] = (100, 300, 500, 700, 900)
 
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "EvalSettings":
+        """From the config's ``eval`` mapping (or :func:`dataclasses.asdict`)."""
+        return cls(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in (d or {}).items()})
+
 
 def load_config(path: str) -> dict:
     """Read and check a compare YAML file."""
@@ -498,7 +503,7 @@ def run_method(entry: dict, *, base_dir: str, shards: dict, train_common: dict, 
 
 def make_job(cfg: dict, base_dir: str, pretrain_summary: dict, shards: dict, out: str) -> dict:
     """What every method's run shares (plain data, so worker processes can take it)."""
-    settings = EvalSettings(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in (cfg.get("eval") or {}).items()})
+    settings = EvalSettings.from_dict(cfg.get("eval"))
     return {"base_dir": base_dir, "base_recipe": _hash(pretrain_summary), "shards": shards,
             "train_common": _norm(cfg.get("train")), "settings": dataclasses.asdict(settings), "out": out,
             "seed": int(cfg.get("seed", 0)), "condition": str(cfg.get("condition", "canny")),
@@ -522,7 +527,7 @@ def method_result(entry: dict, job: dict, evaluator: "Evaluator | None" = None) 
             result = prev["result"]
             result["_images"] = list(np.load(images_path, allow_pickle=False))
             return result
-    settings = EvalSettings(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in job["settings"].items()})
+    settings = EvalSettings.from_dict(job["settings"])
     if evaluator is None:
         evaluator = make_evaluator(job["shards"], job["condition"], job["train_common"], settings, job["seed"],
                                    job["annotator_options"])
@@ -647,7 +652,7 @@ def run_compare(cfg: dict, *, output_dir: str | None = None, command: str = "") 
     os.makedirs(out, exist_ok=True)
     seed = int(cfg.get("seed", 0))
     condition = str(cfg.get("condition", "canny"))
-    settings = EvalSettings(**{k: tuple(v) if k == "loss_timesteps" else v for k, v in (cfg.get("eval") or {}).items()})
+    settings = EvalSettings.from_dict(cfg.get("eval"))
     train_common = _norm(cfg.get("train"))
     t_start = time.perf_counter()
 
