@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-from annotators.base import Annotation, Annotator, check_image
+from annotators.base import Annotation, Annotator, check_chunk_size, check_image
 from annotators.registry import register_annotator
 from annotators import weights as W
 
@@ -183,6 +183,9 @@ class BodyGeometry:
         # ... followed by the sigma-3 blur of the peak search
         self.blur_y = gaussian_matrix(height) @ self.map_y
         self.blur_x = gaussian_matrix(width) @ self.map_x
+        # |blur_y @ z| <= (largest absolute row sum of blur_y) * max|z|; the
+        # small margin covers float32 rounding in the device's products
+        self.blur_y_gain = float(np.abs(self.blur_y).sum(1).max()) * (1 + 1e-4)
         self._dev: dict[Any, dict[str, Any]] = {}
 
     def on(self, device) -> dict[str, Any]:
@@ -217,22 +220,41 @@ def body_input(batch_rgb: Any, geo: BodyGeometry) -> Any:
     return x / 256.0 - 0.5
 
 
-def find_peaks(heat: Any, geo: BodyGeometry, chunk: int = 16) -> Any:
-    """Peaks of the 18 part heatmaps for a batch, on the device.
+def peak_bounds(heat: Any, geo: BodyGeometry) -> tuple[Any, Any, Any]:
+    """First half of the peak search, queued without waiting for the device.
 
-    ``heat``: (N, >=18, oh, ow) network heatmaps. Returns a float64 host array
-    (P, 5) of (image, part, y, x, score) in image-major, part, row-major order
-    (the reference's order), score being the un-blurred heatmap value.
+    Returns ``(x, z, bound)``: the 18 part heatmaps ``x`` (N, 18, oh, ow) in
+    float32, ``z = x @ blur_x.T`` (the blur along the rows, still at network
+    height) and ``bound`` (N, 18), an upper bound of the fully blurred map of
+    each part: ``|blur_y @ z| <= blur_y_gain * max|z|``. A part whose bound is
+    not above the peak threshold cannot have a peak, so its full-resolution
+    map (the expensive part) is never computed: on an image without people
+    none is.
+    """
+    m = geo.on(heat.device)
+    x = heat[:, :18].float()
+    z = x @ m["blur_x"].T
+    bound = z.abs().amax(dim=(-2, -1)) * geo.blur_y_gain
+    return x, z, bound
+
+
+def peaks_of_parts(x: Any, z: Any, parts: np.ndarray, geo: BodyGeometry, offset: int = 0, chunk: int = 288) -> np.ndarray:
+    """Peaks of the selected part maps (second half of the search).
+
+    ``parts``: (C, 2) host array of (image, part) rows in image-major, part
+    order. Returns a float64 host array (P, 5) of (image + ``offset``, part,
+    y, x, score) in the reference's order (image, part, row-major), score
+    being the un-blurred heatmap value at the peak.
     """
     import torch
     import torch.nn.functional as F
 
-    m = geo.on(heat.device)
-    heat = heat[:, :18].float()
+    m = geo.on(x.device)
     found = []
-    for start in range(0, heat.shape[0], chunk):
-        x = heat[start : start + chunk]
-        b = m["blur_y"] @ (x @ m["blur_x"].T)
+    for start in range(0, len(parts), chunk):
+        rows = torch.as_tensor(parts[start : start + chunk], device=x.device)
+        n, part = rows[:, 0], rows[:, 1]
+        b = m["blur_y"] @ z[n, part]  # (C, H, W): the blurred map at image resolution
         p = F.pad(b, (1, 1, 1, 1))  # zeros outside, as the reference's shifted copies
         c = p[..., 1:-1, 1:-1]
         is_peak = (
@@ -241,14 +263,25 @@ def find_peaks(heat: Any, geo: BodyGeometry, chunk: int = 16) -> Any:
         )  # fmt: skip
         idx = is_peak.nonzero()
         if idx.shape[0]:
-            n, part, y, xx = idx.unbind(1)
-            score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[n, part], m["map_x"][xx])
-            idx = idx.clone()
-            idx[:, 0] += start
-            found.append(torch.cat([idx.double(), score.double()[:, None]], dim=1))
+            ch, y, xx = idx.unbind(1)
+            pn, pp = n[ch], part[ch]
+            score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[pn, pp], m["map_x"][xx])
+            found.append(torch.stack([pn.double() + offset, pp.double(), y.double(), xx.double(), score.double()], 1))
     if not found:
         return np.zeros((0, 5), dtype=np.float64)
     return torch.cat(found).cpu().numpy()
+
+
+def find_peaks(heat: Any, geo: BodyGeometry) -> np.ndarray:
+    """Peaks of the 18 part heatmaps for a batch, on the device.
+
+    ``heat``: (N, >=18, oh, ow) network heatmaps. Returns a float64 host array
+    (P, 5) of (image, part, y, x, score) in image-major, part, row-major order
+    (the reference's order), score being the un-blurred heatmap value.
+    """
+    x, z, bound = peak_bounds(heat, geo)
+    parts = np.argwhere(bound.cpu().numpy() > PEAK_THRESHOLD)
+    return peaks_of_parts(x, z, parts, geo)
 
 
 # --------------------------------------------------------------------------
@@ -495,6 +528,8 @@ class OpenPose(Annotator):
         hands, face: also detect and draw hands / face (ControlNet "openpose_full").
         detect_resolution: shorter side the detector sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size.
+        chunk_size: images per pipeline chunk (outputs do not depend on it);
+            None = a quarter of the batch on CUDA, the whole batch on the CPU.
     """
 
     name = "openpose"
@@ -511,9 +546,11 @@ class OpenPose(Annotator):
         hands: bool = False,
         face: bool = False,
         detect_resolution: int | None = None,
+        chunk_size: int | None = None,
     ) -> None:
         common = W.network_options("openpose", weights, device, precision, detect_resolution)
-        super().__init__(**common, hands=bool(hands), face=bool(face))
+        super().__init__(**common, hands=bool(hands), face=bool(face),
+                         chunk_size=check_chunk_size("openpose", chunk_size))
         self._body = None
         self._geometry: dict[tuple[int, int], BodyGeometry] = {}
 
@@ -581,24 +618,63 @@ class OpenPose(Annotator):
             paf, heat = self._body(W.to_input(x, self._device, self._dtype))
             return paf, heat
 
-    def detect_bodies(self, batch_u8: Any) -> tuple[list[list[dict]], tuple[int, int]]:
-        """People per image (detection pixels) for an (N, 3, H, W) uint8 RGB batch."""
+    def launch_bodies(self, images: Sequence[np.ndarray], dsize: tuple[int, int]) -> dict[str, Any]:
+        """Queue the body pass of one chunk of same-size RGB images on the
+        device and return a handle for :meth:`finish_bodies`; nothing here
+        waits for the device."""
         import torch
 
-        h, w = batch_u8.shape[-2:]
-        dsize = self.detect_size(h, w)
         geo = self.geometry(*dsize)
         with torch.inference_mode():
-            x = W.resize_batch(batch_u8.float(), dsize)
+            batch = W.images_to_device(images, self._device)
+            x = W.resize_batch(batch.float(), dsize)
             paf, heat = self.forward(body_input(x, geo))
-            peaks = find_peaks(heat, geo)  # one host sync for the whole batch
-            paf = paf.float().cpu().numpy()
-        out = []
-        for n in range(batch_u8.shape[0]):
+            heat, z, bound = peak_bounds(heat, geo)
+            ready = None
+            if self._device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self._device))
+            return {"geo": geo, "paf": paf, "heat": heat, "z": z, "ready": ready,
+                    "bound": W.HostCopy({"bound": bound}, self._device)}
+
+    def finish_bodies(self, pending: dict[str, Any]) -> list[list[dict]]:
+        """People per image (detection pixels) of a launched chunk.
+
+        Only the part maps whose bound allows a peak are searched at full
+        resolution, and only images with peaks bring their PAFs to the host.
+        On CUDA that work runs on a side stream, so waiting for it does not
+        wait for chunks queued after this one.
+        """
+        import contextlib
+
+        import torch
+
+        bound = pending["bound"].arrays()["bound"]
+        people: list[list[dict]] = [[] for _ in range(len(bound))]
+        parts = np.argwhere(bound > PEAK_THRESHOLD)
+        if not len(parts):
+            return people
+        geo = pending["geo"]
+        side = None
+        if pending["ready"] is not None:
+            side = _side_stream(self._device)
+            side.wait_event(pending["ready"])
+        with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            peaks = peaks_of_parts(pending["heat"], pending["z"], parts, geo)
+            with_peaks = np.unique(peaks[:, 0]).astype(np.int64)
+            paf = pending["paf"][torch.as_tensor(with_peaks, device=self._device)].float().cpu().numpy()
+            if side is not None:
+                side.synchronize()  # the chunk's tensors are released after this
+        for j, n in enumerate(with_peaks):
             mine = peaks[peaks[:, 0] == n][:, 1:]
-            candidate, subset = associate(mine, paf[n], geo)
-            out.append(people_from(candidate, subset))
-        return out, dsize
+            candidate, subset = associate(mine, paf[j], geo)
+            people[n] = people_from(candidate, subset)
+        return people
+
+    def detect_bodies(self, batch: Sequence[np.ndarray]) -> tuple[list[list[dict]], tuple[int, int]]:
+        """People per image (detection pixels) for same-size uint8 RGB images."""
+        dsize = self.detect_size(*batch[0].shape[:2])
+        return self.finish_bodies(self.launch_bodies(batch, dsize)), dsize
 
     # -- hands and face --------------------------------------------------------
 
@@ -769,32 +845,54 @@ class OpenPose(Annotator):
         images = [check_image(im) for im in images]
         results: list[Annotation | None] = [None] * len(images)
         for (h, w), idx in W.group_by_shape(images).items():
-            batch = W.images_to_device([images[i] for i in idx], self._device)
-            people_per_image, dsize = self.detect_bodies(batch)
-            for j, i in enumerate(idx):
-                people = people_per_image[j]
-                if self._options["hands"] or self._options["face"]:
-                    img = images[i]
-                    if dsize != (h, w):
-                        img = _resize_like_reference(img, dsize)
-                    self.add_hands_and_face(img, people)
-                doc = self.to_json(people, dsize, (h, w))
-                meta = {
-                    "people": len(people),
-                    "keypoints": int(sum(k is not None for p in people for k in p["body"])),
-                }
-                if self._options["hands"]:
-                    meta["hand_keypoints"] = int(
-                        sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
-                            for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
-                    )
-                if self._options["face"]:
-                    meta["face_keypoints"] = int(
-                        sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
-                    )
-                canvas = self.render(people, dsize, (h, w))
-                results[i] = Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
+            dsize = self.detect_size(h, w)
+
+            def launch(a: int, b: int, idx=idx, dsize=dsize):
+                ids = idx[a:b]
+                return ids, self.launch_bodies([images[i] for i in ids], dsize)
+
+            def finish(handle, h=h, w=w, dsize=dsize) -> None:
+                ids, pending = handle
+                for i, people in zip(ids, self.finish_bodies(pending)):
+                    results[i] = self._annotation(images[i], people, dsize, (h, w))
+
+            W.pipelined(len(idx), W.chunk_size(self._options["chunk_size"], len(idx), self._device), launch, finish)
         return results  # type: ignore[return-value]
+
+    def _annotation(self, image: np.ndarray, people: list[dict], dsize: tuple[int, int],
+                    size: tuple[int, int]) -> Annotation:
+        """Hands/face (when enabled), drawing, JSON and metadata of one image."""
+        if self._options["hands"] or self._options["face"]:
+            img = image if dsize == tuple(size) else _resize_like_reference(image, dsize)
+            self.add_hands_and_face(img, people)
+        doc = self.to_json(people, dsize, size)
+        meta = {
+            "people": len(people),
+            "keypoints": int(sum(k is not None for p in people for k in p["body"])),
+        }
+        if self._options["hands"]:
+            meta["hand_keypoints"] = int(
+                sum(sum(v != 0.0 for v in e[key][2::3]) for e in doc["people"]
+                    for key in ("hand_left_keypoints_2d", "hand_right_keypoints_2d"))
+            )
+        if self._options["face"]:
+            meta["face_keypoints"] = int(
+                sum(sum(v != 0.0 for v in e["face_keypoints_2d"][2::3]) for e in doc["people"])
+            )
+        canvas = self.render(people, dsize, size)
+        return Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
+
+
+_SIDE_STREAMS: dict[str, Any] = {}
+
+
+def _side_stream(device) -> Any:
+    import torch
+
+    key = str(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
 
 
 def _align_corners_matrix(src: int, dst: int) -> np.ndarray:

@@ -480,14 +480,57 @@ def test_openpose_association_matches_reference_on_crowded_maps(seed, weights_di
                 assert abs(kp[part, 2] - round(score, 4)) <= 1e-4
 
 
-def test_mlsd_chunks_do_not_change_outputs(weights_dir):
-    """Pipeline chunks of 1 and 2 images give the same outputs as one chunk."""
+@pytest.mark.parametrize("name", ["mlsd", "openpose"])
+def test_chunks_do_not_change_outputs(name, weights_dir, monkeypatch):
+    """Pipeline chunks of 1 and 2 images give the same outputs as one chunk
+    (OpenPose on skeleton maps, so chunks hold people and empty images)."""
     folder, _ = weights_dir
-    images = _photos() + [_photos()[0][:, ::-1].copy()]
-    want = create_annotator("mlsd", weights=folder, device="cpu", chunk_size=len(images)).annotate_batch(images)
+    if name == "openpose":
+        from controlnet_aux.open_pose.model import bodypose_model
+
+        monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(192, 256))
+        images = [im for _, im in _skeleton_images()] + [_photos()[0]]
+    else:
+        images = _photos() + [_photos()[0][:, ::-1].copy()]
+    want = create_annotator(name, weights=folder, device="cpu", chunk_size=len(images)).annotate_batch(images)
+    if name == "openpose":
+        assert sum(w_.meta["people"] for w_ in want) > 0
     for chunk in (1, 2):
-        got = create_annotator("mlsd", weights=folder, device="cpu", chunk_size=chunk).annotate_batch(images)
+        got = create_annotator(name, weights=folder, device="cpu", chunk_size=chunk).annotate_batch(images)
         for g, w_ in zip(got, want):
             assert g.meta == w_.meta
             for member, value in w_.members.items():
-                np.testing.assert_array_equal(g.members[member], value)
+                if isinstance(value, np.ndarray):
+                    np.testing.assert_array_equal(g.members[member], value)
+                else:
+                    assert g.members[member] == value
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_openpose_peak_bound_skips_only_parts_without_peaks(seed):
+    """The cheap per-part bound never hides a peak: the pruned search finds
+    exactly the peaks of a full-resolution search of every part map, on maps
+    scaled so that many parts sit just below or just above the threshold."""
+    import torch.nn.functional as F
+
+    from annotators import openpose as OP
+
+    geo = OP.BodyGeometry(96, 128)
+    g = torch.Generator().manual_seed(seed)
+    heat = torch.rand((3, 19, geo.oh, geo.ow), generator=g)
+    scale = 0.06 + 0.1 * torch.rand((3, 19, 1, 1), generator=g)  # maxima around the 0.1 threshold
+    heat = heat / heat.amax(dim=(-2, -1), keepdim=True) * scale
+    x, z, bound = OP.peak_bounds(heat, geo)
+    full = torch.as_tensor(geo.blur_y, dtype=torch.float32) @ z  # every part at image resolution
+    assert bool((full.abs().amax(dim=(-2, -1)) <= bound).all())
+    skipped = int((bound <= OP.PEAK_THRESHOLD).sum())
+    assert 0 < skipped < 3 * 18, "the maps should put parts on both sides of the bound"
+
+    p = F.pad(full, (1, 1, 1, 1))
+    c = p[..., 1:-1, 1:-1]
+    mask = ((c >= p[..., :-2, 1:-1]) & (c >= p[..., 2:, 1:-1]) & (c >= p[..., 1:-1, :-2])
+            & (c >= p[..., 1:-1, 2:]) & (c > OP.PEAK_THRESHOLD))
+    want = mask.nonzero().numpy()
+    got = OP.find_peaks(heat, geo)
+    assert len(want) > 0
+    np.testing.assert_array_equal(got[:, :4].astype(np.int64), want)
