@@ -150,6 +150,110 @@ class CompiledForward:
         return y if size == n else y[:n]
 
 
+class GraphedForward:
+    """``fn(x) -> Tensor`` replayed from CUDA graphs, one per batch shape.
+
+    Mid-sized models at these batch sizes are bound by kernel launches (the
+    host queues kernels more slowly than the GPU runs them); a replayed graph
+    launches a whole forward pass at once. Batches are padded to
+    :func:`batch_bucket` sizes like :class:`CompiledForward` (at most
+    ``max_graphs`` shapes are captured; other shapes run eagerly), and the
+    graphs of one model share one memory pool. The result is copied out of
+    the graph's static output, so it stays valid after the next replay. Calls
+    from several threads are serialised by a lock, and each replay waits
+    (on the device) for the previous call's copies. Anything but a CUDA
+    input runs ``fn`` itself; if capturing fails (an operation that syncs
+    with the host, say) a warning is logged once and ``fn`` runs eagerly
+    from then on.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str, max_graphs: int = 4) -> None:
+        import threading
+
+        self.fn = fn
+        self.what = what
+        self.max_graphs = max_graphs
+        self.error: str | None = None
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
+        self._done: Any = None  # event after the last call's copy out
+        self._lock = threading.Lock()
+
+    @property
+    def captured(self) -> int:
+        """Number of graphs captured so far."""
+        return len(self._graphs)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.error is not None or x.device.type != "cuda" or torch.is_grad_enabled():
+            return self.fn(x)
+        n = int(x.shape[0])
+        size = batch_bucket(n)
+        key = (size, tuple(x.shape[1:]), x.dtype, tuple(x.stride()[1:]), str(x.device))
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                if len(self._graphs) >= self.max_graphs:
+                    return self.fn(x)
+                try:
+                    entry = self._capture(x, size)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as exc:
+                    self.error = _one_line(exc)
+                    log.warning("CUDA graph capture of the %s failed (%s); running it eagerly",
+                                self.what, self.error)
+                    return self.fn(x)
+                self._graphs[key] = entry
+            graph, static_in, static_out = entry
+            stream = torch.cuda.current_stream(x.device)
+            if self._done is not None:
+                stream.wait_event(self._done)
+            static_in[:n].copy_(x)
+            if size > n:
+                static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
+            graph.replay()
+            y = static_out[:n].clone()
+            self._done = torch.cuda.Event()
+            self._done.record(stream)
+            return y
+
+    def _capture(self, x: torch.Tensor, size: int) -> tuple:
+        static_in = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            static_in = static_in.contiguous(memory_format=torch.channels_last)
+        n = int(x.shape[0])
+        static_in[:n].copy_(x)
+        if size > n:
+            static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
+        # warm-up on a side stream, as capture requires: library handles,
+        # cuDNN autotuning and lazy initialisation happen here, not in the graph
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads' work on the GPU (other annotators) is
+        # not an error during this thread's capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            static_out = self.fn(static_in)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph, static_in, static_out
+
+
+def graphed(owner: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> GraphedForward:
+    """The :class:`GraphedForward` of ``fn`` kept on ``owner`` (one per
+    function, so the eager and the compiled forward get their own graphs)."""
+    cache = owner.__dict__.setdefault("_graphed_forwards", {})
+    key = id(fn) if not hasattr(fn, "__func__") else (id(fn.__func__), id(fn.__self__))
+    if key not in cache:
+        cache[key] = GraphedForward(fn, what)
+    return cache[key]
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"

@@ -189,18 +189,23 @@ class SegModel:
         """Most images of a ``height`` x ``width`` model input per forward pass."""
         return max(1, self.max_logits // (len(self.labels) * height * width))
 
-    def forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, pixels: "torch.Tensor", graphs: bool = False) -> "torch.Tensor":
         """B x 3 x h x w model input -> B x classes x h x w logits (larger
-        batches than :meth:`max_batch` run in several passes)."""
+        batches than :meth:`max_batch` run in several passes); ``graphs``:
+        replay CUDA graphs of the forward pass (on a GPU)."""
         import torch
+
+        from annotators._torch import graphed
 
         if self.channels_last:
             # the layout of the weights: the stem then runs NHWC from the start
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         run = self.compiled if self.compiled is not None else self._eager_forward
         step = self.max_batch(int(pixels.shape[2]), int(pixels.shape[3]))
-        if self.compiled is not None:
-            # the compiled forward pads to a power of two: stay within the limit
+        if graphs:
+            run = graphed(self, run, "segmentation model")
+        if self.compiled is not None or graphs:
+            # compiled and graphed forwards pad to a power of two: stay within the limit
             step = 1 << (step.bit_length() - 1)
         if pixels.shape[0] <= step:
             return run(pixels)
@@ -235,6 +240,8 @@ class Seg(Annotator):
             None = ``GPU_CHUNK`` on a GPU, the whole batch on the CPU.
         compile: run the forward pass through ``torch.compile`` (fixed
             shapes; the first batch of each size compiles, which takes a while).
+        cuda_graphs: on a GPU, replay the forward pass from CUDA graphs
+            captured once per batch shape. No effect on the CPU.
 
     Per-sample meta: ``class_ids``, ``classes`` (labels) and
     ``class_fractions``, aligned, by decreasing area.
@@ -254,12 +261,14 @@ class Seg(Annotator):
         min_fraction: float = 0.0,
         chunk_size: int | None = None,
         compile: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         if not 0.0 <= float(min_fraction) < 1.0:
             raise ValueError(f"seg min_fraction must be in [0, 1), got {min_fraction!r}")
         super().__init__(
             model=str(model), device=device, precision=precision, min_fraction=float(min_fraction),
             chunk_size=check_chunk_size("seg", chunk_size), compile=bool(compile),
+            cuda_graphs=bool(cuda_graphs),
         )
 
     def preflight(self) -> None:
@@ -291,7 +300,7 @@ class Seg(Annotator):
             pending = []
             with torch.inference_mode():
                 for idx, pixels in model_batches([images[i] for i in ids], m.preprocess, m.device, m.dtype):
-                    logits = m.forward(pixels)
+                    logits = m.forward(pixels, self._options["cuda_graphs"])
                     # images of one model batch may still differ in size
                     by_size: dict[tuple[int, int], list[int]] = {}
                     for j, i in enumerate(idx):

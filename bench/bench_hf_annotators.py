@@ -17,7 +17,9 @@ Also timed in the same run: the bare forward pass alone (pixel values
 already on the device, nothing copied back) of transformers' model as loaded
 and of the annotator's prepared model, at the same batch and precision, so
 that "ours / bare" separates the cost of pre- and post-processing and
-transfers from the network itself. ``--compile`` adds the annotators with
+transfers from the network itself. Depth and seg rows replay CUDA graphs of
+the forward pass (the annotators' default on a GPU) unless named
+``no_cuda_graphs``; the batch-1 fp32 baseline launches eagerly. ``--compile`` adds the annotators with
 ``compile=True`` (and their bare compiled forward; the compile time is the
 warm-up, reported apart); ``--chunk-sizes`` times other ``chunk_size``
 values of depth and seg.
@@ -480,6 +482,16 @@ def main(argv: list[str] | None = None) -> int:
                     return create_annotator("normal", model=folder, device=device, precision="bf16", **extra)
 
                 rows[f"ours_bf16_batch{batch}"] = time_ours([make("bf16")], images, batch, iters, warmup, device)
+                if device.startswith("cuda"):
+                    # the headline row replays CUDA graphs (the default on a GPU); this one launches eagerly
+                    rows[f"ours_bf16_batch{batch}_no_cuda_graphs"] = time_ours(
+                        [make("bf16", cuda_graphs=False)], images, batch, iters, warmup, device)
+                    probe = make("bf16")
+                    probe.setup()
+                    graphs = list(probe._model.__dict__.get("_graphed_forwards", {}).values())
+                    rows["cuda_graphs_captured"] = sum(g.captured for g in graphs)
+                    rows["cuda_graphs_error"] = next((g.error for g in graphs if g.error), None)
+                    del probe
                 if kind == "depth":
                     both = [make("bf16"), normal()]
                     rows[f"ours_bf16_batch{batch}_depth+normal"] = time_ours(both, images, batch, iters, warmup, device)
@@ -508,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                     del compiled
                     clear_shared()
                 if not args.no_reference:
-                    rows["ours_fp32_batch1"] = time_ours([make("fp32")], images, 1, ref_n, warmup, device)
+                    rows["ours_fp32_batch1"] = time_ours([make("fp32", cuda_graphs=False)], images, 1, ref_n,
+                                                         warmup, device)
                     clear_shared()
                     run = reference_runner(kind, folder, device, {})
                     rows["transformers_fp32_batch1"] = time_reference(run, images, ref_n, warmup, device)

@@ -737,3 +737,36 @@ def test_pieces_copies_and_compile_on_gpu(models, images):
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
         hf_models.clear_shared()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_match_eager_on_gpu(models, images):
+    """The default forward on a GPU replays CUDA graphs; its maps equal the
+    eager forward's, also for a batch padded up to a graph's size and after
+    later replays overwrote the graph's buffers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, folder, member in (("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
+                                     ("seg", models["upernet"], "seg_ids.png")):
+            hf_models.clear_shared()
+            eager = create_annotator(name, model=folder, device="cuda", precision="fp32", cuda_graphs=False)
+            want = eager.annotate_batch(images, KEYS)
+            hf_models.clear_shared()
+            graphs = create_annotator(name, model=folder, device="cuda", precision="fp32", chunk_size=4)
+            assert graphs.params["cuda_graphs"] is True
+            got = graphs.annotate_batch(images, ["q0", "q1", "q2"])  # 3 images padded to a graph of 4
+            again = graphs.annotate_batch(images[::-1], ["r0", "r1", "r2"])[::-1]
+            runs = list(graphs._model.__dict__.get("_graphed_forwards", {}).values())
+            assert runs and all(r.error is None and r.captured >= 1 for r in runs), [r.error for r in runs]
+            for a, b, c in zip(want, got, again):
+                for other in (b, c):
+                    if name == "seg":
+                        assert (a.members[member] == other.members[member]).mean() >= 0.99
+                    else:
+                        _close_maps(a.members[member], other.members[member], max_diff=2, min_equal=0.98)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        hf_models.clear_shared()
