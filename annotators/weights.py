@@ -366,9 +366,7 @@ def images_to_device(images: Sequence[np.ndarray], device) -> "Any":
     # From the caching host allocator: a block is handed out again only after
     # the copies recorded on it have finished, so no manual ring is needed.
     host = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
-    staging = host.numpy()
-    for i, image in enumerate(images):
-        staging[i] = image
+    _stage(host.numpy(), images)
     compute = torch.cuda.current_stream(device)
     copy = _copy_stream(device)
     with torch.cuda.stream(copy):
@@ -378,6 +376,35 @@ def images_to_device(images: Sequence[np.ndarray], device) -> "Any":
     # the compute stream: keep it from being reused before that work is done
     dev.record_stream(compute)
     return dev.permute(0, 3, 1, 2)
+
+
+_STAGING_POOL: Any = None
+#: Batches larger than this are copied into page-locked memory by several
+#: threads (numpy's copy releases the GIL): one thread copies about 5-10 GB/s,
+#: a 64-image batch at 512 px is 50 MB.
+_PARALLEL_STAGING_BYTES = 8 << 20
+
+
+def _stage(staging: np.ndarray, images: Sequence[np.ndarray]) -> None:
+    """Copy ``images`` into the rows of ``staging``."""
+    global _STAGING_POOL
+    if staging.nbytes < _PARALLEL_STAGING_BYTES or len(images) < 2:
+        for i, image in enumerate(images):
+            staging[i] = image
+        return
+    if _STAGING_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _STAGING_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="controlset-staging")
+    workers = _STAGING_POOL._max_workers
+    step = -(-len(images) // workers)
+
+    def copy(start: int) -> None:
+        for i in range(start, min(len(images), start + step)):
+            staging[i] = images[i]
+
+    list(_STAGING_POOL.map(copy, range(0, len(images), step)))
 
 
 _COPY_STREAMS: dict[str, Any] = {}

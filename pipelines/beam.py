@@ -248,7 +248,9 @@ class LoadedAnnotators:
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="controlset-io")
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
         cpu = [a for a in self.annotators if not a.uses_gpu]
-        self.pool = ThreadPoolExecutor(max_workers=len(cpu)) if cpu and len(cpu) < len(self.annotators) else None
+        cpu_threads = max(len(cpu), opts.cpu_threads or min(8, (os.cpu_count() or 2) // 2))
+        self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="controlset-cpu") \
+            if cpu and len(cpu) < len(self.annotators) else None
         gpu = len(self.annotators) - len(cpu)
         threads = min(opts.gpu_threads, gpu)
         self.gpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="controlset-gpu") if threads > 1 else None

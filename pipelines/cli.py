@@ -135,6 +135,7 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             near_duplicates=args.near_duplicates,
             io_threads=args.io_threads,
             gpu_threads=args.gpu_threads,
+            cpu_threads=args.cpu_threads,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
@@ -240,6 +241,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu-threads", type=int, default=2, metavar="N",
                    help="GPU annotators that run side by side in a worker, so one's host-side work overlaps "
                    "another's kernels (default 2; 1: one after another)")
+    p.add_argument("--cpu-threads", type=int, default=0, metavar="N",
+                   help="threads per worker that share the CPU annotators' images (Canny, Hough) while the "
+                   "GPU works (default: half the CPUs, at most 8)")
     p.add_argument("--gpus", default=None, metavar="N|all",
                    help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),

@@ -36,6 +36,7 @@ class AnnotateOptions:
     near_duplicates: int = 0  # >0: drop images whose perceptual hash is within N bits of a kept one
     io_threads: int = 0  # decode/encode threads per worker process; 0: min(4, CPUs)
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
+    cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: min(8, CPUs / 2)
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY
@@ -44,6 +45,8 @@ class AnnotateOptions:
     def __post_init__(self) -> None:
         if self.io_threads < 0:
             raise ValueError(f"io threads must be >= 0, got {self.io_threads}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu threads must be >= 0, got {self.cpu_threads}")
         if self.gpu_threads < 1:
             raise ValueError(f"gpu threads must be >= 1, got {self.gpu_threads}")
         if self.resolution < 64 or self.resolution % 8:

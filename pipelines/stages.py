@@ -349,11 +349,12 @@ def annotate_decoded(
     Each annotator works in chunks of its own batch size (``batch_sizes``).
     With a thread ``pool``, annotators that do not use the GPU run on it while
     the GPU annotators run here, so CPU work overlaps GPU work (OpenCV and
-    torch release the GIL). With a ``gpu_pool`` the GPU annotators also run
+    torch release the GIL); each CPU annotator's batch is cut into slices
+    that the pool's threads share. With a ``gpu_pool`` the GPU annotators also run
     side by side on its threads: one annotator's host-side post-processing
     (peak association, line drawing, copies back) then overlaps another's
     kernels instead of leaving the GPU idle. ``timings`` accumulates seconds
-    per annotator.
+    per annotator (summed over slices).
     """
     import time
 
@@ -361,24 +362,41 @@ def annotate_decoded(
     keys = [d.candidate.key for d in batch]
     batch_sizes = batch_sizes or {}
 
-    def timed(annotator: Annotator) -> list:
+    def timed(annotator: Annotator, start: int = 0, stop: int | None = None) -> tuple[list, float]:
         t0 = time.perf_counter()
-        res = run_annotator(annotator, images, keys, batch_sizes.get(annotator.name))
-        if timings is not None:
-            timings[annotator.name] = timings.get(annotator.name, 0.0) + time.perf_counter() - t0
-        return res
+        res = run_annotator(annotator, images[start:stop], keys[start:stop], batch_sizes.get(annotator.name))
+        return res, time.perf_counter() - t0
 
+    def cpu_slices(annotator: Annotator) -> list:
+        # A CPU annotator works image by image: its batch is cut into slices
+        # that the pool's threads run side by side (OpenCV releases the GIL),
+        # so the CPU work keeps pace with the GPU's instead of trailing it.
+        workers = getattr(pool, "_max_workers", 1)
+        n_cpu = sum(not a.uses_gpu for a in annotators) or 1
+        step = -(-len(images) // max(1, workers // n_cpu)) if images else 1
+        return [pool.submit(timed, annotator, i, i + step) for i in range(0, len(images), step)] or \
+            [pool.submit(timed, annotator)]
+
+    pending: dict[str, list] = {}
     if pool is not None or gpu_pool is not None:
-        background = {a.name: pool.submit(timed, a) for a in annotators if not a.uses_gpu} if pool is not None else {}
+        if pool is not None:
+            pending = {a.name: cpu_slices(a) for a in annotators if not a.uses_gpu}
         gpu = [a for a in annotators if a.uses_gpu or pool is None]
         if gpu_pool is not None:
-            background.update({a.name: gpu_pool.submit(timed, a) for a in gpu})
-            outputs = {}
+            pending.update({a.name: [gpu_pool.submit(timed, a)] for a in gpu})
+            done = {}
         else:
-            outputs = {a.name: timed(a) for a in gpu}
-        outputs.update({name: fut.result() for name, fut in background.items()})
+            done = {a.name: timed(a) for a in gpu}
+        for name, futures in pending.items():
+            parts = [f.result() for f in futures]
+            done[name] = ([r for res, _ in parts for r in res], sum(sec for _, sec in parts))
     else:
-        outputs = {a.name: timed(a) for a in annotators}
+        done = {a.name: timed(a) for a in annotators}
+    outputs = {}
+    for name, (res, seconds) in done.items():
+        outputs[name] = res
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + seconds
     results: list = []
     for i, d in enumerate(batch):
         per: dict[str, Annotation] = {}

@@ -123,11 +123,14 @@ def test_out_of_memory_batches_are_split_not_dropped():
         np.testing.assert_array_equal(r.members["memory_hungry_test.png"], e)
 
 
-def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results():
+@pytest.mark.parametrize("cpu_threads", [2, 5])
+def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results(cpu_threads):
+    """Also with the CPU annotators' batch cut into slices (5 threads for
+    canny and hough: two slices each, of 3 images)."""
     batch = _decoded(6)
     anns = [_Flaky(), create_annotator("canny"), create_annotator("hough")]
     plain = annotate_decoded(batch, anns, batch_sizes={"canny": 4})
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(cpu_threads) as pool:
         timings: dict[str, float] = {}
         overlapped = annotate_decoded(batch, anns, batch_sizes={"canny": 4}, timings=timings, pool=pool)
         with ThreadPoolExecutor(2) as gpu_pool:
