@@ -151,7 +151,8 @@ class CompiledForward:
 
 
 class GraphedForward:
-    """``fn(x) -> Tensor`` replayed from CUDA graphs, one per batch shape.
+    """``fn(x) -> Tensor`` (or a tuple or list of tensors, one row per image
+    each) replayed from CUDA graphs, one per batch shape.
 
     Mid-sized models at these batch sizes are bound by kernel launches (the
     host queues kernels more slowly than the GPU runs them); a replayed graph
@@ -213,7 +214,7 @@ class GraphedForward:
             if size > n:
                 static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
             graph.replay()
-            y = static_out[:n].clone()
+            y = _map_tensors(static_out, lambda t: t[:n].clone())
             self._done = torch.cuda.Event()
             self._done.record(stream)
             return y
@@ -242,6 +243,14 @@ class GraphedForward:
         if self._pool is None:
             self._pool = graph.pool()
         return graph, static_in, static_out
+
+
+def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_map_tensors(o, fn) for o in out)
+    raise TypeError(f"a graphed forward returns tensors, got {type(out).__name__}")
 
 
 def graphed(owner: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> GraphedForward:

@@ -114,6 +114,8 @@ class HED(Annotator):
             controlnet-aux (sides multiples of 64); None = the sample's own size.
         chunk_size: images per pipeline chunk (outputs do not depend on it);
             None = a quarter of the batch on CUDA, the whole batch on the CPU.
+        cuda_graphs: on a GPU, replay the network from CUDA graphs captured
+            once per batch shape (default on; no effect on the CPU).
     """
 
     name = "hed"
@@ -131,8 +133,9 @@ class HED(Annotator):
         scribble: bool = False,
         detect_resolution: int | None = None,
         chunk_size: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        common = W.network_options("hed", weights, device, precision, detect_resolution)
+        common = W.network_options("hed", weights, device, precision, detect_resolution, cuda_graphs)
         super().__init__(
             **common,
             safe=bool(safe),
@@ -165,7 +168,7 @@ class HED(Annotator):
         import torch
 
         with torch.inference_mode():
-            return list(self._net(W.to_input(batch, self._device, self._dtype)))
+            return list(W.run_network(self, self._net, W.to_input(batch, self._device, self._dtype), "HED network"))
 
     def maps(self, batch_u8: Any) -> dict[str, Any]:
         """Member name -> (N, H, W) uint8 tensor on the device, for an

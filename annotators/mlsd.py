@@ -84,6 +84,8 @@ class MLSD(Annotator):
             multiples of 64 when it is not one already).
         chunk_size: images per pipeline chunk (outputs do not depend on it);
             None = a quarter of the batch on a GPU (at least 8).
+        cuda_graphs: on a GPU, replay the network from CUDA graphs captured
+            once per batch shape (default on; no effect on the CPU).
     """
 
     name = "mlsd"
@@ -101,8 +103,9 @@ class MLSD(Annotator):
         thr_d: float = 0.1,
         detect_resolution: int | None = None,
         chunk_size: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        common = W.network_options("mlsd", weights, device, precision, detect_resolution)
+        common = W.network_options("mlsd", weights, device, precision, detect_resolution, cuda_graphs)
         if thr_v < 0 or thr_d < 0:
             raise ValueError("mlsd thr_v and thr_d must be >= 0")
         super().__init__(
@@ -139,7 +142,7 @@ class MLSD(Annotator):
             n, _, h, w = batch.shape
             x = torch.cat([batch, torch.ones((n, 1, h, w), device=batch.device)], dim=1)
             x = x / 127.5 - 1.0
-            return self._net(W.to_input(x, self._device, self._dtype))
+            return W.run_network(self, self._net, W.to_input(x, self._device, self._dtype), "M-LSD network")
 
     def segments(self, batch_u8: Any) -> tuple[Any, Any, tuple[int, int]]:
         """(lines (N, K, 4), keep (N, K)) as device tensors in detection

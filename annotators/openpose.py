@@ -533,6 +533,8 @@ class OpenPose(Annotator):
             of 64 like controlnet-aux); None = the sample's own size.
         chunk_size: images per pipeline chunk (outputs do not depend on it);
             None = ``MIN_GPU_BATCH`` (32) on CUDA, the whole batch on the CPU.
+        cuda_graphs: on a GPU, replay the network from CUDA graphs captured
+            once per batch shape (default on; no effect on the CPU).
     """
 
     name = "openpose"
@@ -550,8 +552,9 @@ class OpenPose(Annotator):
         face: bool = False,
         detect_resolution: int | None = None,
         chunk_size: int | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
-        common = W.network_options("openpose", weights, device, precision, detect_resolution)
+        common = W.network_options("openpose", weights, device, precision, detect_resolution, cuda_graphs)
         super().__init__(**common, hands=bool(hands), face=bool(face),
                          chunk_size=check_chunk_size("openpose", chunk_size))
         self._body = None
@@ -627,7 +630,7 @@ class OpenPose(Annotator):
             n = int(x.shape[0])
             if self._device.type == "cuda" and 1 < n < MIN_GPU_BATCH:
                 x = torch.cat([x, x[-1:].expand(MIN_GPU_BATCH - n, *x.shape[1:])])
-            paf, heat = self._body(W.to_input(x, self._device, self._dtype))
+            paf, heat = W.run_network(self, self._body, W.to_input(x, self._device, self._dtype), "OpenPose body network")
             return paf[:n], heat[:n]
 
     def launch_bodies(self, images: Sequence[np.ndarray], dsize: tuple[int, int]) -> dict[str, Any]:

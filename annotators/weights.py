@@ -219,7 +219,8 @@ def load_weights(filename: str, weights: str | os.PathLike | None = None) -> dic
     return load_state_dict(path)
 
 
-def network_options(name: str, weights, device, precision, detect_resolution) -> dict[str, Any]:
+def network_options(name: str, weights, device, precision, detect_resolution,
+                    cuda_graphs: bool = True) -> dict[str, Any]:
     """Validated options shared by the lllyasviel-weight annotators."""
     check_precision_name(precision)
     if detect_resolution is not None and int(detect_resolution) < 64:
@@ -229,7 +230,20 @@ def network_options(name: str, weights, device, precision, detect_resolution) ->
         "device": device,
         "precision": precision,
         "detect_resolution": None if detect_resolution is None else int(detect_resolution),
+        "cuda_graphs": bool(cuda_graphs),
     }
+
+
+def run_network(owner: Any, net: Any, x: Any, what: str) -> Any:
+    """``net(x)``, replayed from CUDA graphs when the owner's ``cuda_graphs``
+    option is on and ``x`` is on a GPU (these networks' forward passes spend
+    more host time launching kernels than the GPU spends running them at
+    the batch sizes used here)."""
+    if owner._options.get("cuda_graphs") and x.device.type == "cuda":
+        from annotators._torch import graphed
+
+        return graphed(owner, net, what)(x)
+    return net(x)
 
 
 def load_network(factory: Callable[[], Any], filename: str, options: dict[str, Any], strict: bool = True):

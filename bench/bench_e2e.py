@@ -104,6 +104,23 @@ class GpuSampler:
         return {"mean_util_percent": round(float(np.mean(vals)), 1), "samples": len(vals)} if vals else {}
 
 
+def steady_rate(out: Path) -> float | None:
+    """Images/s between the first and the last shard commit: the rate once
+    workers have started, loaded their models and finished a first shard
+    (start-up, model loading and first-batch set-up excluded)."""
+    import tarfile
+
+    tars = sorted(out.glob("*.tar"), key=lambda p: p.stat().st_mtime)
+    if len(tars) < 3:
+        return None
+    images = 0
+    for t in tars[1:]:
+        with tarfile.open(t) as tf:
+            images += sum(1 for m in tf.getmembers() if m.name.endswith(".jpg"))
+    span = tars[-1].stat().st_mtime - tars[0].stat().st_mtime
+    return round(images / span, 2) if span > 0 else None
+
+
 def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
     """Images/s of the reference annotators run one image at a time."""
     import torch
@@ -195,10 +212,12 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)
         wall = time.perf_counter() - t0
+    steady = steady_rate(work / "out")
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
     total_ms = sum(ms.values()) or 1
     partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
+               "steady_images_per_s": steady,
                "written": stats["written"], "failed": stats["failed"], "beam_args": beam_args,
                "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "gpu": gpu.summary()}
     print("pipeline:", json.dumps(partial), flush=True)
@@ -225,6 +244,7 @@ def main(argv=None) -> dict:
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
         "pipeline_seconds": round(wall, 2),
         "images_per_s": round(stats["written"] / wall, 2),
+        "steady_images_per_s": steady,
         "gpu": gpu.summary(),
         "annotator_share_percent": {k: round(100 * v / total_ms, 1) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
         "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},

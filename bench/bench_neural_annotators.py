@@ -7,7 +7,9 @@ For each annotator it measures, in one run:
   from uint8 images on the host to finished members on the host;
 * ``reference``: images/s of controlnet-aux's detector called once per image
   (fp32, detect and image resolution = the image size);
-* ``bare_forward``: images/s of the batched network forward pass alone, on
+* ``ours_no_cuda_graphs``: the same with ``cuda_graphs=False`` (the network
+  launched kernel by kernel rather than replayed from a CUDA graph);
+* ``bare_forward``: images/s of the batched (eager) network forward pass alone, on
   an input already on the device, in the same precision as ``ours``;
 * peak GPU memory of ``ours``;
 * for OpenPose also ``ours_with_detections``: the same real network, its
@@ -237,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.reset_peak_memory_stats(device)
             ours, summary = ours_rate(ann, images, args.batch_size)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            eager = None
+            if device.type == "cuda":
+                # the annotator replays CUDA graphs of its network by default; the same without
+                plain = create_annotator(
+                    name, weights=folder, device=str(device), precision=args.precision, cuda_graphs=False,
+                    **({"chunk_size": args.chunk_size} if name in ("hed", "mlsd") else {}),
+                )
+                plain.setup()
+                eager, _ = ours_rate(plain, images, args.batch_size)
+                del plain
             # the same number of images as ours, in batches of the same size
             bare = bare_forward_rate(name, ann, args.batch_size, args.size, -(-len(images) // args.batch_size))
             detections = {}
@@ -257,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             ref = reference_rate(det, images[:n_ref], device)
             results[name] = {
                 "ours_img_s": round(ours, 2),
+                "ours_no_cuda_graphs_img_s": None if eager is None else round(eager, 2),
                 "reference_img_s": round(ref, 2),
                 "bare_forward_img_s": round(bare, 2),
                 "speedup_vs_reference": round(ours / ref, 2),
