@@ -70,6 +70,9 @@ class Annotator:
     uses_gpu: ClassVar[bool] = False
     #: A sensible batch size for ``annotate_batch`` on the default device.
     default_batch_size: ClassVar[int] = 16
+    #: Annotators whose work this one reuses (normal reuses depth's forward
+    #: pass): a pipeline running both schedules this one after them.
+    run_after: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self._options = dict(options)

@@ -171,7 +171,7 @@ def resize_map(maps: "torch.Tensor", size: tuple[int, int]) -> "torch.Tensor":
 
 
 class DepthModel:
-    """A loaded depth model on one device, with a one-batch memo.
+    """A loaded depth model on one device, with a memo of the last few batches.
 
     ``predict`` returns the raw predictions (float32, model resolution) of
     each image; when called again with the very same batch (same keys and
@@ -185,6 +185,9 @@ class DepthModel:
     NHWC there would add a transpose around every norm).
     :meth:`enable_compile` switches the forward pass to ``torch.compile``.
     """
+
+    #: Batches whose predictions are memoised.
+    MEMO_BATCHES = 4
 
     def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
         import torch
@@ -207,7 +210,9 @@ class DepthModel:
                 keep_fp32(convs[-1])
         self.compiled = None
         self._lock = threading.Lock()
-        self._memo: tuple[tuple, list] | None = None
+        #: held by an annotator for a whole batch (see ``_MidasBase._annotate``)
+        self.batch_lock = threading.Lock()
+        self._memo: dict[tuple, tuple[list, list]] = {}
 
     def enable_compile(self, backend: Any = "inductor") -> None:
         """Run the forward pass through ``torch.compile`` from now on
@@ -239,16 +244,18 @@ class DepthModel:
         """The predictions memoised for exactly this batch, or None."""
         ident = self._ident(images, keys)
         with self._lock:
-            if self._memo is not None and self._memo[0] == ident:
-                return self._memo[1]
-        return None
+            hit = self._memo.get(ident)
+        return None if hit is None else hit[0]
 
     def remember(self, images: Sequence[np.ndarray], keys: Sequence[str], preds: list) -> None:
-        """Memoise ``preds`` as the predictions of this batch."""
+        """Memoise ``preds`` as the predictions of this batch (the last
+        ``MEMO_BATCHES`` batches are kept: a pipeline batch may reach depth
+        and normal as several annotator batches)."""
         with self._lock:
             # the memo holds the arrays themselves so their ids cannot be reused
-            self._memo = (self._ident(images, keys), preds)
-            self._memo_arrays = list(images)
+            self._memo[self._ident(images, keys)] = (preds, list(images))
+            while len(self._memo) > self.MEMO_BATCHES:
+                self._memo.pop(next(iter(self._memo)))
 
     def predict_into(self, preds: list, images: Sequence[np.ndarray], ids: Sequence[int],
                      graphs: bool = False) -> None:
@@ -330,15 +337,21 @@ class _MidasBase(Annotator):
         before the host waits for piece k, so uploads, copies back and the
         host's work hide behind the forward passes.
         """
+        self.setup()
+        images = [check_image(im) for im in images]
+        keys = list(keys) if keys is not None else [""] * len(images)
+        # depth and normal asking for the same batch from two threads: the
+        # second waits for the first's predictions instead of repeating them
+        with self._model.batch_lock:
+            return self._annotate_locked(images, keys, post, fill)
+
+    def _annotate_locked(self, images, keys, post, fill) -> list:
         import torch
 
         from annotators.hf_models import fetch_async, group_by_size, run_pipelined, split_chunks
         from annotators.weights import chunk_size
 
-        self.setup()
         m = self._model
-        images = [check_image(im) for im in images]
-        keys = list(keys) if keys is not None else [""] * len(images)
         preds = m.recall(images, keys)
         computed = preds is None
         if computed:
@@ -458,6 +471,7 @@ class Normal(_MidasBase):
     name = "normal"
     version = "1"
     members = ("normal.png",)
+    run_after = ("depth",)
 
     def __init__(
         self,

@@ -215,11 +215,13 @@ def main(argv=None) -> dict:
     steady = steady_rate(work / "out")
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
+    stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}
     total_ms = sum(ms.values()) or 1
     partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
                "steady_images_per_s": steady,
                "written": stats["written"], "failed": stats["failed"], "beam_args": beam_args,
-               "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "gpu": gpu.summary()}
+               "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "stage_seconds": stages,
+               "gpu": gpu.summary()}
     print("pipeline:", json.dumps(partial), flush=True)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
@@ -248,6 +250,8 @@ def main(argv=None) -> dict:
         "gpu": gpu.summary(),
         "annotator_share_percent": {k: round(100 * v / total_ms, 1) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
         "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
+        # the shard threads' time: waiting for decoding, annotating, waiting for encoding
+        "stage_seconds": stages,
         "reference_chain_images_per_s": round(ref_rate, 3),
         "reference_images": len(ref_images),
         "speedup_vs_reference_chain": round(stats["written"] / wall / ref_rate, 1),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import time
 from typing import Any, Iterable
 
 import apache_beam as beam
@@ -161,16 +162,29 @@ class ShardFn(beam.DoFn):
             # Encoding batch k (on the io threads) overlaps annotating batch k+1.
             upcoming = self.models.prefetch.submit(self._decode, batches[0]) if batches else None
             encoding = None
+            # where this thread's time goes: waiting for decoding, annotating
+            # (GPU and CPU annotators), waiting for encoding
+            waits = {"wait_decode": 0.0, "annotate": 0.0, "wait_encode": 0.0}
             for k, batch in enumerate(batches):
+                t0 = time.perf_counter()
                 decoded = upcoming.result()
                 if k + 1 < len(batches):
                     upcoming = self.models.prefetch.submit(self._decode, batches[k + 1])
+                t1 = time.perf_counter()
                 staged = self._annotate(decoded, name, io)
+                t2 = time.perf_counter()
                 if encoding is not None:
                     self._write(*encoding, writer)
                 encoding = (staged, len(batch))
+                waits["wait_decode"] += t1 - t0
+                waits["annotate"] += t2 - t1
+                waits["wait_encode"] += time.perf_counter() - t2
             if encoding is not None:
+                t0 = time.perf_counter()
                 self._write(*encoding, writer)
+                waits["wait_encode"] += time.perf_counter() - t0
+            for stage, seconds in waits.items():
+                Metrics.counter(NS, f"stage_ms_{stage}").inc(int(seconds * 1000))
         except BaseException:
             writer.abort()
             raise

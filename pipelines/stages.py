@@ -382,6 +382,10 @@ def annotate_decoded(
         if pool is not None:
             pending = {a.name: cpu_slices(a) for a in annotators if not a.uses_gpu}
         gpu = [a for a in annotators if a.uses_gpu or pool is None]
+        # one that reuses another's work (normal: depth's forward) goes last,
+        # so that it finds that work done rather than waiting for it
+        names = {a.name for a in annotators}
+        gpu.sort(key=lambda a: any(n in names for n in a.run_after))
         if gpu_pool is not None:
             pending.update({a.name: [gpu_pool.submit(timed, a)] for a in gpu})
             done = {}

@@ -607,6 +607,37 @@ def test_depth_then_normal_in_pieces_share_one_forward(models, images):
         hook.remove()
 
 
+def test_depth_and_normal_from_two_threads_share_forwards_over_several_batches(models, images):
+    """A pipeline batch reaching depth and normal as two annotator batches,
+    the two annotators on two threads at once: every image goes through the
+    model once, and the maps are those of each annotator alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipelines.stages import run_annotator
+
+    depth = create_annotator("depth", model=models["dpt"], device="cpu")
+    normal = create_annotator("normal", model=models["dpt"], device="cpu")
+    depth.setup()
+    batch = images + [im[::-1].copy() for im in images]
+    keys = [f"t{i}" for i in range(len(batch))]
+    calls = []
+    hook = depth._model.net.register_forward_hook(
+        lambda m, a, kw, out: calls.append(int(kw["pixel_values"].shape[0])), with_kwargs=True)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            fd = pool.submit(run_annotator, depth, batch, keys, 3)
+            fn = pool.submit(run_annotator, normal, batch, keys, 3)
+            got_depth, got_normal = fd.result(), fn.result()
+    finally:
+        hook.remove()
+    assert sum(calls) == len(batch)
+    hf_models.clear_shared()
+    alone = create_annotator("normal", model=models["dpt"], device="cpu").annotate_batch(batch, keys)
+    for a, b in zip(got_normal, alone):
+        np.testing.assert_array_equal(a.members["normal.png"], b.members["normal.png"])
+    assert all(a.members["depth.png"].shape == im.shape[:2] for a, im in zip(got_depth, batch))
+
+
 def test_class_counts_sync_free_equals_bincount():
     from annotators.seg import class_counts
 
