@@ -67,6 +67,45 @@ def main() -> None:
         out["ours"][f"chunk{chunk}"] = rate(lambda: a.annotate_batch(images[:64]), 64, iters=6)
     print(json.dumps(out["ours"]), flush=True)
 
+    # host time per phase of annotate_batch (default options: chunks of 32,
+    # CUDA graphs), over 8 batches of 64
+    from annotators import openpose as OP
+
+    a = create_annotator("openpose", weights=folder)
+    a.setup()
+    a._body = net
+    phases: dict[str, float] = {}
+
+    def timed(owner, attr, label):
+        original = getattr(owner, attr)
+
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kw)
+            finally:
+                phases[label] = phases.get(label, 0.0) + time.perf_counter() - t
+        setattr(owner, attr, wrapper)
+
+    timed(W, "_stage", "stage_images")
+    timed(W, "images_to_device", "images_to_device (incl. staging)")
+    timed(OP, "body_input", "body_input")
+    timed(a, "forward", "forward (launch)")
+    timed(OP, "peak_bounds", "peak_bounds")
+    timed(a, "launch_bodies", "launch_bodies (all)")
+    timed(a, "finish_bodies", "finish_bodies (incl. wait)")
+    timed(a, "_annotation", "per-image annotation")
+    a.annotate_batch(images[:64])
+    torch.cuda.synchronize()
+    phases.clear()
+    t = time.perf_counter()
+    for k in range(8):
+        a.annotate_batch(images[64 * k : 64 * (k + 1)])
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    print(json.dumps({"wall_ms_per_batch64": round(wall / 8 * 1e3, 2),
+                      **{k: round(v / 8 * 1e3, 2) for k, v in phases.items()}}), flush=True)
+
     from torch.profiler import ProfilerActivity, profile
 
     a = create_annotator("openpose", weights=folder)

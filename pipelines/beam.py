@@ -206,7 +206,9 @@ class ShardFn(beam.DoFn):
         timings: dict[str, float] = {}
         with self.models.lock:
             annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool,
-                                              self.models.gpu_pool))
+                                              self.models.gpu_pool, self.models.costs))
+            for ann_name, seconds in timings.items():
+                self.models.costs[ann_name] = self.models.costs.get(ann_name, 0.0) + seconds
         for ann_name, seconds in timings.items():
             Metrics.counter(NS, f"ms_{ann_name}").inc(int(seconds * 1000))
 
@@ -258,7 +260,7 @@ class LoadedAnnotators:
             a.setup()
         self.lock = threading.Lock()
         # Decoding and encoding threads of this worker process.
-        io_threads = opts.io_threads or min(4, os.cpu_count() or 1)
+        io_threads = opts.io_threads or max(2, min(8, (os.cpu_count() or 2) // 2))
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="controlset-io")
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
         cpu = [a for a in self.annotators if not a.uses_gpu]
@@ -267,7 +269,28 @@ class LoadedAnnotators:
             if cpu and len(cpu) < len(self.annotators) else None
         gpu = len(self.annotators) - len(cpu)
         threads = min(opts.gpu_threads, gpu)
-        self.gpu_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="controlset-gpu") if threads > 1 else None
+        self.gpu_pool = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="controlset-gpu", initializer=_own_cuda_stream,
+            initargs=(gpu_index,),
+        ) if threads > 1 else None
+        #: seconds each annotator has taken so far (the GPU threads start the
+        #: costliest first)
+        self.costs: dict[str, float] = {}
+
+
+def _own_cuda_stream(gpu_index: int | None) -> None:
+    """Give a GPU thread its own CUDA stream (torch's current stream is per
+    thread): the annotators side by side then queue work that can run
+    concurrently, and each waits only for its own work, not for every
+    kernel another thread queued before it on a shared stream."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return
+    device = torch.device("cuda", gpu_index if gpu_index is not None else torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    torch.cuda.set_stream(torch.cuda.Stream(device))
 
 
 _CLAIMED_GPU: int | None = None

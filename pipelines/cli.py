@@ -237,7 +237,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="folder with annotator weights (neural annotators)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--io-threads", type=int, default=0, metavar="N",
-                   help="decode/encode threads per worker process (default: CPUs per local worker, at most 4)")
+                   help="decode/encode threads per worker process (default: half the CPUs per local worker, 2 to 8)")
     p.add_argument("--gpu-threads", type=int, default=2, metavar="N",
                    help="GPU annotators that run side by side in a worker, so one's host-side work overlaps "
                    "another's kernels (default 2; 1: one after another)")

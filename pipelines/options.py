@@ -34,7 +34,7 @@ class AnnotateOptions:
     annotator_batch_sizes: tuple[tuple[str, int], ...] = ()  # per-annotator chunk sizes
     gates: tuple[str, ...] = ()  # yield gates, e.g. "openpose.keypoints>=8", "mlsd.lines>16"
     near_duplicates: int = 0  # >0: drop images whose perceptual hash is within N bits of a kept one
-    io_threads: int = 0  # decode/encode threads per worker process; 0: min(4, CPUs)
+    io_threads: int = 0  # decode/encode threads per worker process; 0: half the CPUs per local worker, 2 to 8
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
     cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: min(8, CPUs / 2)
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own

@@ -92,15 +92,15 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
 
 
 def default_io_threads(beam_args: list[str]) -> int:
-    """Decode/encode threads per worker process: the machine's CPUs divided
-    among the local worker processes (at most 4), so local runs do not
-    oversubscribe the cores."""
+    """Decode/encode threads per worker process: half the machine's CPUs
+    divided among the local worker processes (2 to 8; the other half runs
+    the CPU annotators), so local runs do not oversubscribe the cores."""
     workers = 1
     if any(a in ("--direct_running_mode=multi_processing",) for a in beam_args):
         for a in beam_args:
             if a.startswith("--direct_num_workers="):
                 workers = max(1, int(a.split("=", 1)[1]))
-    return max(1, min(4, (os.cpu_count() or 1) // workers))
+    return max(2, min(8, (os.cpu_count() or 2) // 2 // workers))
 
 
 def stage_counters(result) -> dict[str, int]:

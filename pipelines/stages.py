@@ -343,6 +343,7 @@ def annotate_decoded(
     timings: dict[str, float] | None = None,
     pool=None,
     gpu_pool=None,
+    costs: dict[str, float] | None = None,
 ) -> list[tuple[Decoded, dict[str, Annotation]] | FailureRecord]:
     """Run every annotator over a batch; one result per input, in order.
 
@@ -353,8 +354,10 @@ def annotate_decoded(
     that the pool's threads share. With a ``gpu_pool`` the GPU annotators also run
     side by side on its threads: one annotator's host-side post-processing
     (peak association, line drawing, copies back) then overlaps another's
-    kernels instead of leaving the GPU idle. ``timings`` accumulates seconds
-    per annotator (summed over slices).
+    kernels instead of leaving the GPU idle; they start in decreasing order
+    of ``costs`` (seconds so far per annotator), so the longest ones do not
+    start last and leave one thread working alone at the end of a batch.
+    ``timings`` accumulates seconds per annotator (summed over slices).
     """
     import time
 
@@ -385,7 +388,8 @@ def annotate_decoded(
         # one that reuses another's work (normal: depth's forward) goes last,
         # so that it finds that work done rather than waiting for it
         names = {a.name for a in annotators}
-        gpu.sort(key=lambda a: any(n in names for n in a.run_after))
+        costs = costs or {}
+        gpu.sort(key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
         if gpu_pool is not None:
             pending.update({a.name: [gpu_pool.submit(timed, a)] for a in gpu})
             done = {}

@@ -207,3 +207,27 @@ def test_missing_models_fail_before_any_work(photos_dir, tmp_path, monkeypatch):
         assert isinstance(err.value, UsageError)
         assert not (tmp_path / name / "stats.json").exists()
     assert "HF_HUB_OFFLINE=1" in str(err.value) and "Salesforce/blip-image-captioning-large" in str(err.value)
+
+
+def test_gpu_annotators_start_costliest_first_and_reusers_last():
+    """On the GPU threads the annotators start in decreasing order of the
+    seconds they have taken so far; one that reuses another's work (normal
+    after depth) starts after every other."""
+    started: list[str] = []
+
+    def recorder(name: str, after: tuple[str, ...] = ()):
+        cls = type(f"_Rec_{name}", (Annotator,), {
+            "name": name, "members": (f"{name}.png",), "uses_gpu": True, "run_after": after,
+            "annotate_batch": lambda self, images, keys=None: (
+                started.append(self.name) or [Annotation({f"{self.name}.png": im[:, :, 0].copy()}) for im in images]),
+        })
+        return cls()
+
+    anns = [recorder("late_reuser", ("cheap",)), recorder("cheap"), recorder("costly"), recorder("middle")]
+    batch = _decoded(2)
+    with ThreadPoolExecutor(1) as gpu_pool:  # one thread: the start order is the submission order
+        annotate_decoded(batch, anns, gpu_pool=gpu_pool, costs={"costly": 9.0, "middle": 2.0, "cheap": 0.5})
+        assert started == ["costly", "middle", "cheap", "late_reuser"]
+        started.clear()
+        annotate_decoded(batch, anns, gpu_pool=gpu_pool)  # no costs yet: the given order, reusers last
+        assert started == ["cheap", "costly", "middle", "late_reuser"]
