@@ -176,7 +176,11 @@ class Caption(Annotator):
     version = "1"
     members = ("txt",)
     uses_gpu = True
-    default_batch_size = 64
+    #: generate's per-token host work is shared by the whole batch: on an
+    #: H200, BLIP-large greedy did 479 images/s at 256 against 247 at 64
+    #: (peak 6.9 GiB; 18.8 GiB with 3 beams). A pipeline on a smaller GPU
+    #: that runs out of memory halves the batch and keeps the size that fits.
+    default_batch_size = 256
 
     def __init__(
         self,

@@ -258,6 +258,12 @@ class LoadedAnnotators:
             self.annotators.append(create_annotator(name, **options))
         for a in self.annotators:
             a.setup()
+        # The worker parallelises over images (decode, encode and CPU
+        # annotator threads); OpenCV's own thread pool inside each call would
+        # only oversubscribe the cores.
+        import cv2
+
+        cv2.setNumThreads(1)
         self.lock = threading.Lock()
         # Decoding and encoding threads of this worker process.
         io_threads = opts.io_threads or max(2, min(8, (os.cpu_count() or 2) // 2))

@@ -307,11 +307,14 @@ def run_annotator(
     """One annotator over many images, in chunks of ``batch_size``.
 
     A chunk that runs out of accelerator memory is split in halves and
-    retried (not dropped); a chunk that fails otherwise is retried image by
+    retried (not dropped), and later calls use the smaller size from the
+    start; a chunk that fails otherwise is retried image by
     image, so one bad image costs only itself. Returns an Annotation or the
     exception for each image.
     """
     size = batch_size or len(images) or 1
+    # a size that ran out of memory before is not tried again on every batch
+    size = min(size, getattr(annotator, "_fitting_batch", size))
     out: list[Annotation | BaseException] = []
     for start in range(0, len(images), size):
         out += _run_chunk(annotator, list(images[start:start + size]), list(keys[start:start + size]))
@@ -329,9 +332,10 @@ def _run_chunk(annotator: Annotator, images: list, keys: list) -> list[Annotatio
             return [exc]
         if _is_oom(exc):
             _free_accelerator_memory()
-            log.warning("%s ran out of memory on a batch of %d; retrying as two of %d",
-                        annotator.name, len(images), len(images) // 2)
             half = len(images) // 2
+            annotator._fitting_batch = min(half, getattr(annotator, "_fitting_batch", half))
+            log.warning("%s ran out of memory on a batch of %d; retrying as two of %d (and using batches "
+                        "of at most %d from now on)", annotator.name, len(images), half, annotator._fitting_batch)
             return _run_chunk(annotator, images[:half], keys[:half]) + _run_chunk(annotator, images[half:], keys[half:])
         return [r for i in range(len(images)) for r in _run_chunk(annotator, images[i:i + 1], keys[i:i + 1])]
 

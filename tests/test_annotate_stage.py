@@ -115,9 +115,14 @@ def _decoded(n: int) -> list[Decoded]:
 def test_out_of_memory_batches_are_split_not_dropped():
     _MemoryHungry.calls = []
     batch = _decoded(8)
-    results = run_annotator(_MemoryHungry(), [d.image for d in batch], [d.candidate.key for d in batch])
+    hungry = _MemoryHungry()
+    results = run_annotator(hungry, [d.image for d in batch], [d.candidate.key for d in batch])
     assert all(isinstance(r, Annotation) for r in results)
     assert _MemoryHungry.calls[0] == 8 and max(_MemoryHungry.calls[1:]) <= 4
+    # the next batch starts at the size that fitted: no failing attempts
+    _MemoryHungry.calls = []
+    again = run_annotator(hungry, [d.image for d in batch], [d.candidate.key for d in batch], batch_size=8)
+    assert _MemoryHungry.calls == [2, 2, 2, 2] and all(isinstance(r, Annotation) for r in again)
     expected = [create_annotator("canny")(d.image).members["canny.png"] for d in batch]
     for r, e in zip(results, expected):
         np.testing.assert_array_equal(r.members["memory_hungry_test.png"], e)

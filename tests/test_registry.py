@@ -78,3 +78,20 @@ def test_typo_lists_valid_names():
         create_annotator("hde")
     message = str(err.value)
     assert "hed" in message and all(n in message for n in list_annotators())
+
+
+@pytest.mark.parametrize("thickness", [1, 2, 3])
+def test_hough_draws_the_pixels_of_one_cv2_line_per_segment(thickness):
+    """All segments are drawn in one OpenCV call; the pixels are those of
+    drawing each segment with cv2.line (also segments leaving the image)."""
+    import cv2
+
+    from annotators.hough import draw_lines
+
+    rng = np.random.default_rng(thickness)
+    for n in (0, 1, 7, 150):
+        lines = rng.integers(-8, 72, (n, 4)).astype(np.int32)
+        want = np.zeros((64, 48), np.uint8)
+        for x1, y1, x2, y2 in lines.tolist():
+            cv2.line(want, (x1, y1), (x2, y2), 255, thickness, lineType=cv2.LINE_8)
+        np.testing.assert_array_equal(draw_lines((64, 48), lines, thickness), want)
