@@ -157,7 +157,8 @@ class GraphedForward:
     Mid-sized models at these batch sizes are bound by kernel launches (the
     host queues kernels more slowly than the GPU runs them); a replayed graph
     launches a whole forward pass at once. Batches are padded to
-    :func:`batch_bucket` sizes like :class:`CompiledForward` (at most
+    :func:`batch_bucket` sizes like :class:`CompiledForward` (or by
+    ``bucket``; at most
     ``max_graphs`` shapes are captured; other shapes run eagerly), and the
     graphs of one model share one memory pool. The result is copied out of
     the graph's static output, so it stays valid after the next replay. Calls
@@ -168,12 +169,14 @@ class GraphedForward:
     from then on.
     """
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str, max_graphs: int = 4) -> None:
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str, max_graphs: int = 4,
+                 bucket: Callable[[int], int] = batch_bucket) -> None:
         import threading
 
         self.fn = fn
         self.what = what
         self.max_graphs = max_graphs
+        self.bucket = bucket
         self.error: str | None = None
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
@@ -189,7 +192,7 @@ class GraphedForward:
         if self.error is not None or x.device.type != "cuda" or torch.is_grad_enabled():
             return self.fn(x)
         n = int(x.shape[0])
-        size = batch_bucket(n)
+        size = max(n, self.bucket(n))
         key = (size, tuple(x.shape[1:]), x.dtype, tuple(x.stride()[1:]), str(x.device))
         with self._lock:
             entry = self._graphs.get(key)
@@ -253,13 +256,14 @@ def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     raise TypeError(f"a graphed forward returns tensors, got {type(out).__name__}")
 
 
-def graphed(owner: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> GraphedForward:
+def graphed(owner: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str,
+            bucket: Callable[[int], int] = batch_bucket) -> GraphedForward:
     """The :class:`GraphedForward` of ``fn`` kept on ``owner`` (one per
     function, so the eager and the compiled forward get their own graphs)."""
     cache = owner.__dict__.setdefault("_graphed_forwards", {})
     key = id(fn) if not hasattr(fn, "__func__") else (id(fn.__func__), id(fn.__self__))
     if key not in cache:
-        cache[key] = GraphedForward(fn, what)
+        cache[key] = GraphedForward(fn, what, bucket=bucket)
     return cache[key]
 
 

@@ -122,7 +122,7 @@ class HED(Annotator):
     version = "1"
     members = ("hed.png",)
     uses_gpu = True
-    default_batch_size = 32
+    default_batch_size = 64
 
     def __init__(
         self,

@@ -92,7 +92,7 @@ class MLSD(Annotator):
     version = "1"
     members = ("mlsd.png",)
     uses_gpu = True
-    default_batch_size = 32
+    default_batch_size = 64
 
     def __init__(
         self,

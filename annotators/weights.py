@@ -234,15 +234,16 @@ def network_options(name: str, weights, device, precision, detect_resolution,
     }
 
 
-def run_network(owner: Any, net: Any, x: Any, what: str) -> Any:
+def run_network(owner: Any, net: Any, x: Any, what: str, exact_shapes: bool = False) -> Any:
     """``net(x)``, replayed from CUDA graphs when the owner's ``cuda_graphs``
     option is on and ``x`` is on a GPU (these networks' forward passes spend
     more host time launching kernels than the GPU spends running them at
-    the batch sizes used here)."""
+    the batch sizes used here). ``exact_shapes``: one graph per batch size
+    met, rather than padding batches to powers of two."""
     if owner._options.get("cuda_graphs") and x.device.type == "cuda":
-        from annotators._torch import graphed
+        from annotators._torch import batch_bucket, graphed
 
-        return graphed(owner, net, what)(x)
+        return graphed(owner, net, what, bucket=(lambda n: n) if exact_shapes else batch_bucket)(x)
     return net(x)
 
 
