@@ -176,6 +176,8 @@ def main(argv=None) -> dict:
                     help="one GPU: N worker processes, each with its own models, instead of threads")
     ap.add_argument("--gpu-threads", type=int, default=2,
                     help="GPU annotators side by side per worker (the pipeline's --gpu-threads)")
+    ap.add_argument("--dump-stacks", type=float, default=0,
+                    help="print every thread's stack after this many seconds of the pipeline (diagnosis)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     args = ap.parse_args(argv)
@@ -208,6 +210,10 @@ def main(argv=None) -> dict:
         beam_args = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
     else:
         beam_args = []
+    if args.dump_stacks:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.dump_stacks, repeat=False)
     with GpuSampler() as gpu:
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)
