@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
                     help="one GPU: DirectRunner threads (0: in process; each worker already decodes and "
                          "encodes on its own thread pool while the GPU works)")
     ap.add_argument("--reference-images", type=int, default=8)
-    ap.add_argument("--shard-size", type=int, default=250, help="a shard is the unit of parallel work")
+    ap.add_argument("--shard-size", type=int, default=500,
+                    help="a shard is the unit of parallel work (and its batches are pipelined)")
     ap.add_argument("--annotators", default=",".join(ANNOTATORS))
     ap.add_argument("--caption-beams", type=int, default=3, help="BLIP beam width (the annotator's default: 3)")
     ap.add_argument("--processes", type=int, default=0,

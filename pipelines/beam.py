@@ -19,7 +19,7 @@ import bisect
 import json
 import logging
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -150,23 +150,18 @@ class ShardFn(beam.DoFn):
         self.progress = Progress(self.total)
         self.fs, self.root = url_to_fs(self.opts.output)
 
-    def start_bundle(self) -> None:
-        #: shards whose last batch is still being encoded: (future, images)
-        self._committing: list[tuple[Any, int]] = []
-
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
-        yield from self._committed(wait=False)
         index, digest, cands = item
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
         batches = [cands[i:i + self.batch] for i in range(0, len(cands), self.batch)]
         io = self.models.io_pool
-        encoding = None
         try:
             # Decoding batch k+1 overlaps annotating batch k (PIL, OpenCV and
             # zlib release the GIL); results keep the key order throughout.
             # Encoding batch k (on the io threads) overlaps annotating batch k+1.
             upcoming = self.models.prefetch.submit(self._decode, batches[0]) if batches else None
+            encoding = None
             # where this thread's time goes: waiting for decoding, annotating
             # (GPU and CPU annotators), waiting for encoding
             waits = {"wait_decode": 0.0, "annotate": 0.0, "wait_encode": 0.0}
@@ -179,50 +174,24 @@ class ShardFn(beam.DoFn):
                 staged = self._annotate(decoded, name, io)
                 t2 = time.perf_counter()
                 if encoding is not None:
-                    self._count(self._drain(encoding[0], writer), encoding[1])
+                    self._write(*encoding, writer)
                 encoding = (staged, len(batch))
                 waits["wait_decode"] += t1 - t0
                 waits["annotate"] += t2 - t1
                 waits["wait_encode"] += time.perf_counter() - t2
+            if encoding is not None:
+                t0 = time.perf_counter()
+                self._write(*encoding, writer)
+                waits["wait_encode"] += time.perf_counter() - t0
             for stage, seconds in waits.items():
                 Metrics.counter(NS, f"stage_ms_{stage}").inc(int(seconds * 1000))
         except BaseException:
             writer.abort()
             raise
-        # The shard's last batch is encoded, written and the shard committed
-        # in the background, so that the next shard's annotation overlaps it;
-        # its counters and summary come out on this thread later (Beam's
-        # metrics are per thread), at the latest when the bundle finishes.
-        future = self.models.committer.submit(self._finish_shard, encoding, writer, digest)
-        self._committing.append((future, 0 if encoding is None else encoding[1]))
-
-    def finish_bundle(self):
-        from apache_beam.transforms.window import GlobalWindows
-
-        for summary in self._committed(wait=True):
-            yield GlobalWindows.windowed_value(summary)
-
-    def _finish_shard(self, encoding, writer: ShardWriter, digest: str) -> tuple[list, ShardSummary]:
-        try:
-            drained = [] if encoding is None else self._drain(encoding[0], writer)
-            return drained, writer.commit(digest)
-        except BaseException:
-            writer.abort()
-            raise
-
-    def _committed(self, wait: bool) -> Iterator[ShardSummary]:
-        """Summaries of the shards committed in the background (all of them,
-        waiting if need be, when ``wait``), with their counters."""
-        ready = [(f, n) for f, n in self._committing if wait or f.done()]
-        self._committing = [(f, n) for f, n in self._committing if not (wait or f.done())]
-        for future, n in ready:
-            t0 = time.perf_counter()
-            drained, summary = future.result()
-            Metrics.counter(NS, "stage_ms_wait_encode").inc(int((time.perf_counter() - t0) * 1000))
-            self._count(drained, n)
-            self.written.inc(summary.written)
-            self.shards.inc()
-            yield summary
+        summary = writer.commit(digest)
+        self.written.inc(summary.written)
+        self.shards.inc()
+        yield summary
 
     def _decode(self, cands: list[Candidate]) -> list:
         return list(self.models.io_pool.map(lambda c: decode_candidate(c, self.opts), cands))
@@ -230,7 +199,7 @@ class ShardFn(beam.DoFn):
     def _annotate(self, decoded: list, name: str, io) -> list:
         """Annotate a key-ordered batch and start encoding it: (kind, future)
         per input, in the same order. Counters are updated on the bundle's
-        thread (Beam's metrics are per thread), here and in :meth:`_count`."""
+        thread (Beam's metrics are per thread), here and in :meth:`_write`."""
         ok = [d for d in decoded if not isinstance(d, FailureRecord)]
         self.decoded.inc(len(ok))
         self.decode_failed.inc(len(decoded) - len(ok))
@@ -253,22 +222,10 @@ class ShardFn(beam.DoFn):
         staged = [("failed", d) if isinstance(d, FailureRecord) else ("ok", next(annotated)) for d in decoded]
         return [(kind, io.submit(finish, (kind, d))) for kind, d in staged]
 
-    def _drain(self, staged: list, writer: ShardWriter) -> list[tuple[str, Any]]:
-        """Collect a batch's encoded samples in key order into the shard;
-        returns (kind, result) per input for :meth:`_count`."""
-        drained = []
+    def _write(self, staged: list, n: int, writer: ShardWriter) -> None:
+        """Collect a batch's encoded samples in key order into the shard."""
         for kind, fut in staged:
             result = fut.result()
-            if isinstance(result, FailureRecord):
-                writer.add_failure(result)
-            else:
-                writer.add(result)
-            drained.append((kind, result))
-        return drained
-
-    def _count(self, drained: list[tuple[str, Any]], n: int) -> None:
-        """Counters and progress for a written batch (on the bundle's thread)."""
-        for kind, result in drained:
             if kind == "ok":
                 if not isinstance(result, FailureRecord):
                     self.annotated.inc()
@@ -276,6 +233,10 @@ class ShardFn(beam.DoFn):
                     self.gated.inc()
                 else:
                     self.failed.inc()
+            if isinstance(result, FailureRecord):
+                writer.add_failure(result)
+            else:
+                writer.add(result)
         self.progress.advance(n)
 
 
@@ -308,8 +269,6 @@ class LoadedAnnotators:
         io_threads = opts.io_threads or max(2, min(8, (os.cpu_count() or 2) // 2))
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="controlset-io")
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
-        # finishes shards (last batch's encoding, tar, commit) in the background
-        self.committer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="controlset-commit")
         cpu = [a for a in self.annotators if not a.uses_gpu]
         cpu_threads = max(len(cpu), opts.cpu_threads or min(8, (os.cpu_count() or 2) // 2))
         self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="controlset-cpu") \
@@ -378,13 +337,18 @@ def annotator_batch_sizes(opts: AnnotateOptions, annotators) -> dict[str, int]:
 
 
 def beam_batch_size(opts: AnnotateOptions) -> int:
-    """Images per Beam batch: ``--batch-size``, else the largest annotator batch."""
+    """Images per Beam batch: ``--batch-size``, else the largest annotator
+    batch, at most half a shard: a shard's batches are pipelined (decoding
+    the next and encoding the previous while one is annotated), which needs
+    at least two of them; only the shard's first decode and last encode are
+    not hidden."""
     if opts.batch_size:
         return opts.batch_size
     from annotators import get_annotator_class
 
     sizes = dict(opts.annotator_batch_sizes)
-    return max([16] + [sizes.get(n, get_annotator_class(n).default_batch_size) for n, _ in opts.annotators])
+    largest = max([16] + [sizes.get(n, get_annotator_class(n).default_batch_size) for n, _ in opts.annotators])
+    return max(16, min(largest, -(-opts.shard_size // 2)))
 
 
 class Progress:

@@ -228,7 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also drop near-duplicates: perceptual hashes within BITS of a kept image "
                         "(e.g. 2; default 0 = exact duplicates only)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per pipeline batch (default: the largest annotator batch size)")
+                   help="images per pipeline batch (default: the largest annotator batch size, at most half a shard)")
     p.add_argument("--annotator-batch", action="append", metavar="NAME=N",
                    help="batch size of one annotator on the device, e.g. caption=64 (repeatable)")
     p.add_argument("--gate", action="append", metavar="NAME.FIELD>=N",
