@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-iters", type=int, default=None,
                         help="timed batches of transformers' batched bf16 baseline (default: --iters / 2)")
     parser.add_argument("--size", type=int, default=None, help="input image size (default 512; smoke 96)")
-    parser.add_argument("--depth-batch", type=int, default=32)
+    parser.add_argument("--depth-batch", type=int, default=64)
     parser.add_argument("--seg-batch", type=int, default=32)
     parser.add_argument("--caption-batch", type=int, default=64)
     parser.add_argument("--caption-beams", default="3,1", help="beam widths to time (batched)")
