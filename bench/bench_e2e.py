@@ -104,20 +104,21 @@ class GpuSampler:
         return {"mean_util_percent": round(float(np.mean(vals)), 1), "samples": len(vals)} if vals else {}
 
 
-def steady_rate(out: Path) -> float | None:
-    """Images/s between the first and the last shard commit: the rate once
-    workers have started, loaded their models and finished a first shard
+def steady_rate(out: Path, workers: int = 1) -> float | None:
+    """Images/s once every worker has started, loaded its models and
+    committed a first shard: the images of the shards committed after the
+    first ``workers`` commits, over the time from that commit to the last
     (start-up, model loading and first-batch set-up excluded)."""
     import tarfile
 
     tars = sorted(out.glob("*.tar"), key=lambda p: p.stat().st_mtime)
-    if len(tars) < 3:
+    if len(tars) < workers + 2:
         return None
     images = 0
-    for t in tars[1:]:
+    for t in tars[workers:]:
         with tarfile.open(t) as tf:
             images += sum(1 for m in tf.getmembers() if m.name.endswith(".jpg"))
-    span = tars[-1].stat().st_mtime - tars[0].stat().st_mtime
+    span = tars[-1].stat().st_mtime - tars[workers - 1].stat().st_mtime
     return round(images / span, 2) if span > 0 else None
 
 
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)
         wall = time.perf_counter() - t0
-    steady = steady_rate(work / "out")
+    steady = steady_rate(work / "out", max(1, args.gpus or args.processes or 1))
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
     stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}

@@ -243,7 +243,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "another's kernels (default 2; 1: one after another)")
     p.add_argument("--cpu-threads", type=int, default=0, metavar="N",
                    help="threads per worker that share the CPU annotators' images (Canny, Hough) while the "
-                   "GPU works (default: half the CPUs, at most 8)")
+                   "GPU works (default: half the CPUs per local worker, 2 to 8)")
     p.add_argument("--gpus", default=None, metavar="N|all",
                    help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),

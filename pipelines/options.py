@@ -36,7 +36,7 @@ class AnnotateOptions:
     near_duplicates: int = 0  # >0: drop images whose perceptual hash is within N bits of a kept one
     io_threads: int = 0  # decode/encode threads per worker process; 0: half the CPUs per local worker, 2 to 8
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
-    cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: min(8, CPUs / 2)
+    cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: as io_threads
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY

@@ -72,6 +72,9 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
     if not opts.io_threads:
         opts = replace(opts, io_threads=default_io_threads(beam_args))
+    if not opts.cpu_threads:
+        # the same share of the cores for the CPU annotators' threads
+        opts = replace(opts, cpu_threads=default_io_threads(beam_args))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
     try:
