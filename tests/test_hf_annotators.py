@@ -5,6 +5,7 @@ inference and against ControlNet's normal algorithm in controlnet-aux."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -744,11 +745,8 @@ def test_pieces_copies_and_compile_on_gpu(models, images):
     np.testing.assert_array_equal(host, np.arange(1000, dtype=np.int32))
     # TF32 convolutions (torch's default) differ by batch size at the 1e-3
     # level; without them the pieces must agree as on the CPU
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        for name, folder, member in (("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
-                                     ("seg", models["upernet"], "seg_ids.png")):
+    with _no_tf32():
+        for name, folder, member in _map_annotators(models):
             hf_models.clear_shared()
             whole = create_annotator(name, model=folder, device="cuda", precision="fp32", chunk_size=8)
             pieces = create_annotator(name, model=folder, device="cuda", precision="fp32", chunk_size=1)
@@ -758,16 +756,33 @@ def test_pieces_copies_and_compile_on_gpu(models, images):
             compiled = create_annotator(name, model=folder, device="cuda", precision="fp32", compile=True)
             got_compiled = compiled.annotate_batch(images, ["h0", "h1", "h2"])
             assert compiled._model.compiled.active, compiled._model.compiled.error
-            for a, b, c in zip(ref, got, got_compiled):
-                for other in (b, c):
-                    diff = np.abs(a.members[member].astype(int) - other.members[member].astype(int))
-                    if name == "seg":
-                        assert (diff == 0).mean() >= 0.99
-                    else:
-                        _close_maps(a.members[member], other.members[member], max_diff=2, min_equal=0.98)
+            _maps_agree(name, member, ref, got, got_compiled)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
         hf_models.clear_shared()
+
+
+def _map_annotators(models) -> list[tuple[str, str, str]]:
+    """(annotator, model folder, member) of the map-making annotators."""
+    return [("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
+            ("seg", models["upernet"], "seg_ids.png")]
+
+
+def _maps_agree(name: str, member: str, want: list, *others: list) -> None:
+    for i, a in enumerate(want):
+        for other in others:
+            if name == "seg":
+                assert (a.members[member] == other[i].members[member]).mean() >= 0.99
+            else:
+                _close_maps(a.members[member], other[i].members[member], max_diff=2, min_equal=0.98)
 
 
 @pytest.mark.gpu
@@ -777,11 +792,8 @@ def test_cuda_graphs_match_eager_on_gpu(models, images):
     later replays overwrote the graph's buffers."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        for name, folder, member in (("depth", models["dpt"], "depth.png"), ("normal", models["dpt"], "normal.png"),
-                                     ("seg", models["upernet"], "seg_ids.png")):
+    with _no_tf32():
+        for name, folder, member in _map_annotators(models):
             hf_models.clear_shared()
             eager = create_annotator(name, model=folder, device="cuda", precision="fp32", cuda_graphs=False)
             want = eager.annotate_batch(images, KEYS)
@@ -792,12 +804,4 @@ def test_cuda_graphs_match_eager_on_gpu(models, images):
             again = graphs.annotate_batch(images[::-1], ["r0", "r1", "r2"])[::-1]
             runs = list(graphs._model.__dict__.get("_graphed_forwards", {}).values())
             assert runs and all(r.error is None and r.captured >= 1 for r in runs), [r.error for r in runs]
-            for a, b, c in zip(want, got, again):
-                for other in (b, c):
-                    if name == "seg":
-                        assert (a.members[member] == other.members[member]).mean() >= 0.99
-                    else:
-                        _close_maps(a.members[member], other.members[member], max_diff=2, min_equal=0.98)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
-        hf_models.clear_shared()
+            _maps_agree(name, member, want, got, again)
