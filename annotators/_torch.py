@@ -154,13 +154,13 @@ class GraphedForward:
     """``fn(x) -> Tensor`` (or a tuple or list of tensors, one row per image
     each) replayed from CUDA graphs, one per batch shape.
 
-    Mid-sized models at these batch sizes are bound by kernel launches (the
-    host queues kernels more slowly than the GPU runs them); a replayed graph
-    launches a whole forward pass at once. Batches are padded to
-    :func:`batch_bucket` sizes like :class:`CompiledForward` (or by
-    ``bucket``; at most
-    ``max_graphs`` shapes are captured; other shapes run eagerly), and the
-    graphs of one model share one memory pool. The result is copied out of
+    A replayed graph launches a whole forward pass at once, so the host's
+    per-kernel launch work disappears: a few percent for one annotator alone
+    at these batch sizes (BENCHMARKS.md), more when several annotators'
+    threads share the host in a pipeline. Batches are padded to
+    :func:`batch_bucket` sizes like :class:`CompiledForward` (or to
+    ``bucket(n)``); at most ``max_graphs`` shapes are captured (others run
+    eagerly), and the graphs of one model share one memory pool. The result is copied out of
     the graph's static output, so it stays valid after the next replay. Calls
     from several threads are serialised by a lock, and each replay waits
     (on the device) for the previous call's copies. Anything but a CUDA
