@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any, Callable, Sequence
 
 import torch
@@ -171,8 +172,6 @@ class GraphedForward:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], what: str, max_graphs: int = 4,
                  bucket: Callable[[int], int] = batch_bucket) -> None:
-        import threading
-
         self.fn = fn
         self.what = what
         self.max_graphs = max_graphs
@@ -180,6 +179,7 @@ class GraphedForward:
         self.error: str | None = None
         self._graphs: dict[tuple, tuple] = {}
         self._pool = None
+        self._stream: Any = None
         self._done: Any = None  # event after the last call's copy out
         self._lock = threading.Lock()
 
@@ -202,6 +202,9 @@ class GraphedForward:
                 try:
                     entry = self._capture(x, size)
                 except torch.OutOfMemoryError:
+                    # each graph keeps its memory: capture no further shapes
+                    # (the caller retries smaller batches, which run eagerly)
+                    self.max_graphs = len(self._graphs)
                     raise
                 except Exception as exc:
                     self.error = _one_line(exc)
@@ -230,22 +233,38 @@ class GraphedForward:
         static_in[:n].copy_(x)
         if size > n:
             static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
-        # warm-up on a side stream, as capture requires: library handles,
-        # cuDNN autotuning and lazy initialisation happen here, not in the graph
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.fn(static_in)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' work on the GPU (other annotators) is
-        # not an error during this thread's capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            static_out = self.fn(static_in)
+        caller = torch.cuda.current_stream(x.device)
+        if self._stream is None:
+            # this forward's own side stream: warm-up and capture run on it
+            self._stream = torch.cuda.Stream(x.device)
+        # One capture at a time in the process: entering a capture
+        # synchronises the whole device and empties the allocators' caches,
+        # which must not happen while another thread's capture is under way.
+        with _CAPTURE_LOCK:
+            try:
+                self._stream.wait_stream(caller)
+                # warm-up first, as capture requires: library handles, cuDNN
+                # autotuning and lazy initialisation happen here, not in the graph
+                with torch.cuda.stream(self._stream):
+                    for _ in range(2):
+                        self.fn(static_in)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: other threads' work on their own streams is not
+                # an error during this capture
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                                      capture_error_mode="thread_local"):
+                    static_out = self.fn(static_in)
+            finally:
+                # a failed capture leaves its stream current (torch's context
+                # does not restore it when ending the capture raises)
+                torch.cuda.set_stream(caller)
+                caller.wait_stream(self._stream)
         if self._pool is None:
             self._pool = graph.pool()
         return graph, static_in, static_out
+
+
+_CAPTURE_LOCK = threading.Lock()
 
 
 def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

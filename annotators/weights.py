@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -394,6 +395,7 @@ def images_to_device(images: Sequence[np.ndarray], device) -> "Any":
 
 
 _STAGING_POOL: Any = None
+_STAGING_LOCK = threading.Lock()
 #: Batches larger than this are copied into page-locked memory by several
 #: threads (numpy's copy releases the GIL): one thread copies about 5-10 GB/s,
 #: a 64-image batch at 512 px is 50 MB.
@@ -407,11 +409,12 @@ def _stage(staging: np.ndarray, images: Sequence[np.ndarray]) -> None:
         for i, image in enumerate(images):
             staging[i] = image
         return
-    if _STAGING_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _STAGING_LOCK:  # GPU threads may stage at the same time
+        if _STAGING_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _STAGING_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                           thread_name_prefix="controlset-staging")
+            _STAGING_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                               thread_name_prefix="controlset-staging")
     workers = _STAGING_POOL._max_workers
     step = -(-len(images) // workers)
 

@@ -258,12 +258,6 @@ class LoadedAnnotators:
             self.annotators.append(create_annotator(name, **options))
         for a in self.annotators:
             a.setup()
-        # The worker parallelises over images (decode, encode and CPU
-        # annotator threads); OpenCV's own thread pool inside each call would
-        # only oversubscribe the cores.
-        import cv2
-
-        cv2.setNumThreads(1)
         self.lock = threading.Lock()
         # Decoding and encoding threads of this worker process.
         io_threads = opts.io_threads or max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -273,6 +267,14 @@ class LoadedAnnotators:
         cpu_threads = max(len(cpu), opts.cpu_threads or min(8, (os.cpu_count() or 2) // 2))
         self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="controlset-cpu") \
             if cpu and len(cpu) < len(self.annotators) else None
+        if self.pool is not None:
+            # The CPU annotators run side by side on images (and decoding and
+            # encoding on their own threads); OpenCV's thread pool inside each
+            # call would only oversubscribe the cores. Without the pool (CPU
+            # annotators only) OpenCV keeps its own parallelism.
+            import cv2
+
+            cv2.setNumThreads(1)
         gpu = len(self.annotators) - len(cpu)
         threads = min(opts.gpu_threads, gpu)
         self.gpu_pool = ThreadPoolExecutor(
@@ -326,28 +328,48 @@ def claim_gpu(opts: AnnotateOptions) -> int:
     raise RuntimeError(f"more worker processes than --gpus {opts.gpus}; each GPU already has a worker")
 
 
+#: Batch size of a neural annotator on a machine without a GPU (their
+#: defaults are sized for GPUs; a CPU gains nothing from large batches and
+#: can run out of memory with them, which is not recoverable there).
+CPU_BATCH_SIZE = 16
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def annotator_batch_sizes(opts: AnnotateOptions, annotators) -> dict[str, int]:
     """Chunk size per annotator: ``--annotator-batch`` values, else each
-    annotator's default for GPU annotators (CPU ones take the whole batch)."""
+    annotator's default for GPU annotators (at most ``CPU_BATCH_SIZE``
+    without a GPU); CPU ones take the whole batch."""
     sizes = dict(opts.annotator_batch_sizes)
+    gpu = None
     for a in annotators:
         if a.name not in sizes and a.uses_gpu:
-            sizes[a.name] = a.default_batch_size
+            gpu = _cuda_available() if gpu is None else gpu
+            sizes[a.name] = a.default_batch_size if gpu else min(a.default_batch_size, CPU_BATCH_SIZE)
     return sizes
 
 
 def beam_batch_size(opts: AnnotateOptions) -> int:
     """Images per Beam batch: ``--batch-size``, else the largest annotator
-    batch, at most half a shard: a shard's batches are pipelined (decoding
-    the next and encoding the previous while one is annotated), which needs
-    at least two of them; only the shard's first decode and last encode are
-    not hidden."""
+    batch, at most half a shard (and at least 16): a shard's batches are
+    pipelined (decoding the next and encoding the previous while one is
+    annotated), which needs at least two of them; only the shard's first
+    decode and last encode are not hidden."""
     if opts.batch_size:
         return opts.batch_size
     from annotators import get_annotator_class
 
     sizes = dict(opts.annotator_batch_sizes)
-    largest = max([16] + [sizes.get(n, get_annotator_class(n).default_batch_size) for n, _ in opts.annotators])
+    classes = [get_annotator_class(n) for n, _ in opts.annotators]
+    gpu = any(c.uses_gpu for c in classes) and _cuda_available()
+    defaults = [c.default_batch_size if gpu else min(c.default_batch_size, CPU_BATCH_SIZE) for c in classes]
+    largest = max([16] + [sizes.get(c.name, d) for c, d in zip(classes, defaults)])
     return max(16, min(largest, -(-opts.shard_size // 2)))
 
 

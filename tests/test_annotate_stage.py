@@ -236,3 +236,27 @@ def test_gpu_annotators_start_costliest_first_and_reusers_last():
         started.clear()
         annotate_decoded(batch, anns, gpu_pool=gpu_pool)  # no costs yet: the given order, reusers last
         assert started == ["cheap", "costly", "middle", "late_reuser"]
+
+
+def test_batch_sizes_follow_the_device_and_the_shard(monkeypatch):
+    """Neural annotators' GPU-sized defaults are capped without a GPU; an
+    explicit --annotator-batch is kept; a pipeline batch is at most half a
+    shard so that a shard's batches overlap."""
+    import pipelines.beam as pb
+    from pipelines.options import AnnotateOptions
+
+    anns = [create_annotator("canny"), create_annotator("caption"), create_annotator("hed")]
+    opts = AnnotateOptions(inputs=("x",), output="y", annotators=(("canny", {}), ("caption", {}), ("hed", {})),
+                           shard_size=1000)
+    monkeypatch.setattr(pb, "_cuda_available", lambda: False)
+    assert pb.annotator_batch_sizes(opts, anns) == {"caption": pb.CPU_BATCH_SIZE, "hed": pb.CPU_BATCH_SIZE}
+    assert pb.beam_batch_size(opts) == 16
+    monkeypatch.setattr(pb, "_cuda_available", lambda: True)
+    assert pb.annotator_batch_sizes(opts, anns) == {"caption": 256, "hed": 64}
+    assert pb.beam_batch_size(opts) == 256
+    small = AnnotateOptions(inputs=("x",), output="y", annotators=opts.annotators, shard_size=300,
+                            annotator_batch_sizes=(("caption", 8),))
+    assert pb.annotator_batch_sizes(small, anns) == {"caption": 8, "hed": 64}
+    assert pb.beam_batch_size(small) == 64  # hed's 64: below half a shard (150)
+    tiny = AnnotateOptions(inputs=("x",), output="y", annotators=opts.annotators, shard_size=100)
+    assert pb.beam_batch_size(tiny) == 50
