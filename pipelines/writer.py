@@ -11,50 +11,24 @@ the next run redoes, never a partial ``.tar`` under its final name.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
-import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from schemas import FailureRecord, manifest_table, records_table
+from schemas.files import TMP_MARK, atomic_write_bytes, commit, remove_quietly, tmp_path
 
 #: Fixed member mtime (2020-01-01T00:00:00Z) so equal inputs give equal bytes.
 TAR_MTIME = 1577836800
 DIGEST_META = b"controlset.plan_digest"
 FAILED_META = b"controlset.failed"
-TMP_MARK = ".tmp-"
 
 
 def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
-
-
-def _tmp_path(path: str) -> str:
-    d, b = posixpath.split(path)
-    return posixpath.join(d, f".{b}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def _commit(fs, tmp: str, path: str) -> None:
-    if isinstance(fs, LocalFileSystem):
-        os.replace(tmp, path)  # atomic within one filesystem
-    else:
-        fs.mv(tmp, path)  # object stores publish an object only once it is complete
-
-
-def atomic_write_bytes(fs, path: str, data: bytes) -> None:
-    tmp = _tmp_path(path)
-    try:
-        with fs.open(tmp, "wb") as f:
-            f.write(data)
-        _commit(fs, tmp, path)
-    except BaseException:
-        _remove_quietly(fs, tmp)
-        raise
 
 
 def atomic_write_table(fs, path: str, table: pa.Table) -> None:
@@ -82,14 +56,6 @@ def read_table(fs, path: str) -> pa.Table:
     return read_parquet_file(fs, path).read(use_threads=False)
 
 
-def _remove_quietly(fs, path: str) -> None:
-    try:
-        if fs.exists(path):
-            fs.rm(path)
-    except Exception:
-        pass
-
-
 @dataclass
 class ShardSummary:
     """What a shard holds: written sample count and its failure records."""
@@ -114,7 +80,7 @@ class ShardWriter:
 
         self.fs, self.root, self.name = fs, root, name
         self.tar_path = posixpath.join(root, f"{name}.tar")
-        self.tmp = _tmp_path(self.tar_path)
+        self.tmp = tmp_path(self.tar_path)
         self.rows: list = []
         self.failures: list[FailureRecord] = []
         self._last_key = ""
@@ -136,7 +102,7 @@ class ShardWriter:
         try:
             self._sink.close()
             self._file.close()
-            _commit(self.fs, self.tmp, self.tar_path)
+            commit(self.fs, self.tmp, self.tar_path)
         except BaseException:
             self.abort()
             raise
@@ -145,7 +111,7 @@ class ShardWriter:
         if failures:
             atomic_write_table(self.fs, failures_path, records_table(failures))
         else:
-            _remove_quietly(self.fs, failures_path)
+            remove_quietly(self.fs, failures_path)
         table = manifest_table(self.rows).replace_schema_metadata(
             {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode()}
         )
@@ -157,7 +123,7 @@ class ShardWriter:
             self._file.close()
         except Exception:
             pass
-        _remove_quietly(self.fs, self.tmp)
+        remove_quietly(self.fs, self.tmp)
 
 
 def write_shard(
@@ -210,8 +176,6 @@ def read_shard_summary(fs, root: str, name: str) -> ShardSummary:
 
 def write_json(fs, path: str, obj) -> None:
     atomic_write_bytes(fs, path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 
 
 

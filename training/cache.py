@@ -41,7 +41,6 @@ import logging
 import os
 import posixpath
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -49,6 +48,7 @@ import numpy as np
 
 from schemas.codec import encode_json
 from schemas.errors import UsageError
+from schemas.files import atomic_write_bytes, commit, remove_quietly, tmp_path
 from schemas.sample import IMAGE_MEMBER, condition_member
 
 log = logging.getLogger(__name__)
@@ -288,30 +288,6 @@ class _ShardStats:
                 "skipped": dict(sorted(self.skipped.items())), "unreadable_data": self.unreadable}
 
 
-def _atomic_target(fs, path: str):
-    """A temporary name beside ``path`` and the function that publishes it."""
-    from fsspec.implementations.local import LocalFileSystem
-
-    d, b = posixpath.split(path)
-    tmp = posixpath.join(d, f".{b}.tmp-{uuid.uuid4().hex[:12]}")
-
-    def commit() -> None:
-        if isinstance(fs, LocalFileSystem):
-            os.replace(tmp, path)  # atomic within one filesystem
-        else:
-            fs.mv(tmp, path)  # object stores publish an object only once complete
-
-    return tmp, commit
-
-
-def _remove_quietly(fs, path: str) -> None:
-    try:
-        if fs.exists(path):
-            fs.rm(path)
-    except Exception:
-        pass
-
-
 def _output_paths(urls: Sequence[str], fs, root: str) -> list[str]:
     """One output per input shard, same file name; never an input itself."""
     names = [posixpath.basename(u.rstrip("/")) for u in urls]
@@ -428,16 +404,16 @@ def cache_shards(
                 stats.skipped[exc.reason] += 1
                 log.warning("skipping sample %s of %s: %s", raw.get("__key__"), url, exc)
 
-            tmp, commit = _atomic_target(fs, out)
+            tmp = tmp_path(out)
             try:
                 with fs.open(tmp, "wb") as f:
                     sink = wds.TarWriter(f, user="controlset", group="controlset", mtime=TAR_MTIME, encoder=False)
                     for chunk in _read_ahead(iter_raw_samples(url, on_error), pool, prepare, batch_size):
                         _write_chunk(chunk, base, dev, dtype, sink, stats, skip, meta_record)
                     sink.close()
-                commit()
+                commit(fs, tmp, out)
             except BaseException:
-                _remove_quietly(fs, tmp)
+                remove_quietly(fs, tmp)
                 raise
             log.info("%s: %d of %d samples cached", out, stats.written, stats.read)
 
@@ -459,11 +435,7 @@ def cache_shards(
         "unreadable_data": sum(s.unreadable for s in stats_all),
         "shards": [s.to_dict() for s in stats_all],
     }
-    path = posixpath.join(root, SUMMARY_FILE)
-    tmp, commit = _atomic_target(fs, path)
-    with fs.open(tmp, "wb") as f:
-        f.write(json.dumps(summary, indent=2).encode() + b"\n")
-    commit()
+    atomic_write_bytes(fs, posixpath.join(root, SUMMARY_FILE), json.dumps(summary, indent=2).encode() + b"\n")
     seconds = time.perf_counter() - started
     return {**summary, "output_dir": output_dir, "device": str(dev), "seconds": round(seconds, 3),
             "images_per_s": round(summary["samples_written"] / max(seconds, 1e-9), 3)}

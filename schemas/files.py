@@ -1,0 +1,52 @@
+"""Atomic file writes on any fsspec filesystem, the way every controlset
+file is published (shards, manifests, records, stats, latent caches): the
+bytes go to a temporary name beside the target, which is then renamed into
+place, so a reader never sees a partial file under its final name and a
+killed run leaves only temporaries (marked by :data:`TMP_MARK`) behind."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+
+#: Part of every temporary file name (``.<name>.tmp-<random>``): left-overs
+#: of killed runs are recognised and removed by it.
+TMP_MARK = ".tmp-"
+
+
+def tmp_path(path: str) -> str:
+    """A fresh temporary name beside ``path``."""
+    d, b = posixpath.split(path)
+    return posixpath.join(d, f".{b}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+
+
+def commit(fs, tmp: str, path: str) -> None:
+    """Publish the finished temporary file ``tmp`` as ``path``."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        os.replace(tmp, path)  # atomic within one filesystem
+    else:
+        fs.mv(tmp, path)  # object stores publish an object only once it is complete
+
+
+def remove_quietly(fs, path: str) -> None:
+    """Remove ``path`` if it exists; errors are ignored (used to clean up)."""
+    try:
+        if fs.exists(path):
+            fs.rm(path)
+    except Exception:
+        pass
+
+
+def atomic_write_bytes(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary name, then rename)."""
+    tmp = tmp_path(path)
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        commit(fs, tmp, path)
+    except BaseException:
+        remove_quietly(fs, tmp)
+        raise
