@@ -97,6 +97,20 @@ def batch_bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with copies of its last image appended up to ``size`` images."""
+    n = int(x.shape[0])
+    return x if size <= n else torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+
+
+def _load_batch(static_in: torch.Tensor, x: torch.Tensor) -> None:
+    """Copy ``x`` into a graph's input buffer, padding with its last image."""
+    n = int(x.shape[0])
+    static_in[:n].copy_(x)
+    if static_in.shape[0] > n:
+        static_in[n:].copy_(x[-1:].expand(static_in.shape[0] - n, *x.shape[1:]))
+
+
 class CompiledForward:
     """``fn(x) -> Tensor`` through ``torch.compile`` with fixed shapes.
 
@@ -140,7 +154,7 @@ class CompiledForward:
             return self.fn(x)
         n = int(x.shape[0])
         size = batch_bucket(n)
-        padded = x if size == n else torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])])
+        padded = pad_batch(x, size)
         try:
             y = self._compiled(padded)
         except torch.OutOfMemoryError:
@@ -161,8 +175,9 @@ class GraphedForward:
     threads share the host in a pipeline. Batches are padded to
     :func:`batch_bucket` sizes like :class:`CompiledForward` (or to
     ``bucket(n)``); at most ``max_graphs`` shapes are captured (others run
-    eagerly), and the graphs of one model share one memory pool. The result is copied out of
-    the graph's static output, so it stays valid after the next replay. Calls
+    eagerly), and the graphs of one model share one memory pool. The result
+    is copied out of the graph's static output, so it stays valid after the
+    next replay. Calls
     from several threads are serialised by a lock, and each replay waits
     (on the device) for the previous call's copies. Anything but a CUDA
     input runs ``fn`` itself; if capturing fails (an operation that syncs
@@ -216,9 +231,7 @@ class GraphedForward:
             stream = torch.cuda.current_stream(x.device)
             if self._done is not None:
                 stream.wait_event(self._done)
-            static_in[:n].copy_(x)
-            if size > n:
-                static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
+            _load_batch(static_in, x)
             graph.replay()
             y = _map_tensors(static_out, lambda t: t[:n].clone())
             self._done = torch.cuda.Event()
@@ -229,10 +242,7 @@ class GraphedForward:
         static_in = torch.empty((size, *x.shape[1:]), dtype=x.dtype, device=x.device)
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
             static_in = static_in.contiguous(memory_format=torch.channels_last)
-        n = int(x.shape[0])
-        static_in[:n].copy_(x)
-        if size > n:
-            static_in[n:].copy_(x[-1:].expand(size - n, *x.shape[1:]))
+        _load_batch(static_in, x)
         caller = torch.cuda.current_stream(x.device)
         if self._stream is None:
             # this forward's own side stream: warm-up and capture run on it
@@ -284,6 +294,26 @@ def graphed(owner: Any, fn: Callable[[torch.Tensor], torch.Tensor], what: str,
     if key not in cache:
         cache[key] = GraphedForward(fn, what, bucket=bucket)
     return cache[key]
+
+
+_COMPILE_LOCK = threading.Lock()
+
+
+def enable_compile(owner: Any, eager: Callable[[torch.Tensor], torch.Tensor], what: str,
+                   backend: Any = "inductor") -> None:
+    """Set ``owner.compiled`` to a :class:`CompiledForward` of ``eager`` once
+    (idempotent, safe from several threads)."""
+    with _COMPILE_LOCK:
+        if owner.compiled is None:
+            owner.compiled = CompiledForward(eager, what, backend)
+
+
+def forward_runner(owner: Any, eager: Callable[[torch.Tensor], torch.Tensor], graphs: bool,
+                   what: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The forward a model runs: its compiled one if ``owner.compiled`` is
+    set, else ``eager``; replayed from CUDA graphs when ``graphs``."""
+    run = owner.compiled if owner.compiled is not None else eager
+    return graphed(owner, run, what) if graphs else run
 
 
 def _one_line(exc: BaseException) -> str:

@@ -217,11 +217,9 @@ class DepthModel:
     def enable_compile(self, backend: Any = "inductor") -> None:
         """Run the forward pass through ``torch.compile`` from now on
         (idempotent; falls back to eager with a warning if compiling fails)."""
-        from annotators._torch import CompiledForward
+        from annotators._torch import enable_compile
 
-        with self._lock:
-            if self.compiled is None:
-                self.compiled = CompiledForward(self._eager_forward, "depth model", backend)
+        enable_compile(self, self._eager_forward, "depth model", backend)
 
     def _eager_forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self.net(pixel_values=pixels).predicted_depth
@@ -229,12 +227,9 @@ class DepthModel:
     def forward(self, pixels: "torch.Tensor", graphs: bool = False) -> "torch.Tensor":
         """B x 3 x h x w model input -> B x h' x w' raw predictions (float32);
         ``graphs``: replay CUDA graphs of the forward pass (on a GPU)."""
-        from annotators._torch import graphed
+        from annotators._torch import forward_runner
 
-        run = self.compiled if self.compiled is not None else self._eager_forward
-        if graphs:
-            run = graphed(self, run, "depth model")
-        return run(pixels).float()
+        return forward_runner(self, self._eager_forward, graphs, "depth model")(pixels).float()
 
     @staticmethod
     def _ident(images: Sequence[np.ndarray], keys: Sequence[str]) -> tuple:
@@ -348,8 +343,8 @@ class _MidasBase(Annotator):
     def _annotate_locked(self, images, keys, post, fill) -> list:
         import torch
 
-        from annotators.hf_models import fetch_async, group_by_size, run_pipelined, split_chunks
-        from annotators.weights import chunk_size
+        from annotators.hf_models import fetch_async, group_by_size, split_chunks
+        from annotators.weights import chunk_size, run_pipelined
 
         m = self._model
         preds = m.recall(images, keys)

@@ -575,21 +575,3 @@ def split_chunks(idx: Sequence[int], chunk: int) -> list[list[int]]:
         out.append(idx[start:stop])
         start = stop
     return out
-
-
-def run_pipelined(
-    items: Sequence[Any], launch: Callable[[Any], Any], finish: Callable[[Any], None], depth: int = 1
-) -> None:
-    """``launch(item)`` (queue one chunk's device work and its copy to the
-    host; return a handle) for each item, and ``finish(handle)`` (the host
-    work of that chunk) in order, with up to ``depth`` chunks launched
-    ahead: the host finishes chunk k while the device computes chunk k+1."""
-    from collections import deque
-
-    pending: deque = deque()
-    for item in items:
-        pending.append(launch(item))
-        if len(pending) > depth:
-            finish(pending.popleft())
-    while pending:
-        finish(pending.popleft())

@@ -243,12 +243,12 @@ def peak_bounds(heat: Any, geo: BodyGeometry) -> tuple[Any, Any, Any]:
     return x, z, bound
 
 
-def peaks_of_parts(x: Any, z: Any, parts: np.ndarray, geo: BodyGeometry, offset: int = 0, chunk: int = 288) -> np.ndarray:
+def peaks_of_parts(x: Any, z: Any, parts: np.ndarray, geo: BodyGeometry, chunk: int = 288) -> np.ndarray:
     """Peaks of the selected part maps (second half of the search).
 
     ``parts``: (C, 2) host array of (image, part) rows in image-major, part
-    order. Returns a float64 host array (P, 5) of (image + ``offset``, part,
-    y, x, score) in the reference's order (image, part, row-major), score
+    order. Returns a float64 host array (P, 5) of (image, part, y, x,
+    score) in the reference's order (image, part, row-major), score
     being the un-blurred heatmap value at the peak.
     """
     import torch
@@ -271,7 +271,7 @@ def peaks_of_parts(x: Any, z: Any, parts: np.ndarray, geo: BodyGeometry, offset:
             ch, y, xx = idx.unbind(1)
             pn, pp = n[ch], part[ch]
             score = torch.einsum("pi,pij,pj->p", m["map_y"][y], x[pn, pp], m["map_x"][xx])
-            found.append(torch.stack([pn.double() + offset, pp.double(), y.double(), xx.double(), score.double()], 1))
+            found.append(torch.stack([pn.double(), pp.double(), y.double(), xx.double(), score.double()], 1))
     if not found:
         return np.zeros((0, 5), dtype=np.float64)
     return torch.cat(found).cpu().numpy()
@@ -633,7 +633,9 @@ class OpenPose(Annotator):
         with torch.inference_mode():
             n = int(x.shape[0])
             if self._device.type == "cuda" and 1 < n < MIN_GPU_BATCH:
-                x = torch.cat([x, x[-1:].expand(MIN_GPU_BATCH - n, *x.shape[1:])])
+                from annotators._torch import pad_batch
+
+                x = pad_batch(x, MIN_GPU_BATCH)
             paf, heat = W.run_network(self, self._body, W.to_input(x, self._device, self._dtype),
                                       "OpenPose body network", exact_shapes=True)
             return paf[:n], heat[:n]
@@ -677,7 +679,7 @@ class OpenPose(Annotator):
         geo = pending["geo"]
         side = None
         if pending["ready"] is not None:
-            side = _side_stream(self._device)
+            side = W.cuda_stream("openpose-peaks", self._device)
             side.wait_event(pending["ready"])
         with torch.inference_mode(), (torch.cuda.stream(side) if side is not None else contextlib.nullcontext()):
             peaks = peaks_of_parts(pending["heat"], pending["z"], parts, geo)
@@ -690,11 +692,6 @@ class OpenPose(Annotator):
             candidate, subset = associate(mine, paf[j], geo)
             people[n] = people_from(candidate, subset)
         return people
-
-    def detect_bodies(self, batch: Sequence[np.ndarray]) -> tuple[list[list[dict]], tuple[int, int]]:
-        """People per image (detection pixels) for same-size uint8 RGB images."""
-        dsize = self.detect_size(*batch[0].shape[:2])
-        return self.finish_bodies(self.launch_bodies(batch, dsize)), dsize
 
     # -- hands and face --------------------------------------------------------
 
@@ -902,18 +899,6 @@ class OpenPose(Annotator):
             )
         canvas = self.render(people, dsize, size)
         return Annotation(members={"openpose.png": canvas, "openpose.json": doc}, meta=meta)
-
-
-_SIDE_STREAMS: dict[str, Any] = {}
-
-
-def _side_stream(device) -> Any:
-    import torch
-
-    key = str(device)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[key]
 
 
 def _align_corners_matrix(src: int, dst: int) -> np.ndarray:

@@ -172,10 +172,9 @@ class SegModel:
     def enable_compile(self, backend: Any = "inductor") -> None:
         """Run the forward pass through ``torch.compile`` from now on
         (idempotent; falls back to eager with a warning if compiling fails)."""
-        from annotators._torch import CompiledForward
+        from annotators._torch import enable_compile
 
-        if self.compiled is None:
-            self.compiled = CompiledForward(self._eager_forward, "segmentation model", backend)
+        enable_compile(self, self._eager_forward, "segmentation model", backend)
 
     def _eager_forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self.net(pixel_values=pixels).logits
@@ -195,15 +194,13 @@ class SegModel:
         replay CUDA graphs of the forward pass (on a GPU)."""
         import torch
 
-        from annotators._torch import graphed
+        from annotators._torch import forward_runner
 
         if self.channels_last:
             # the layout of the weights: the stem then runs NHWC from the start
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        run = self.compiled if self.compiled is not None else self._eager_forward
+        run = forward_runner(self, self._eager_forward, graphs, "segmentation model")
         step = self.max_batch(int(pixels.shape[2]), int(pixels.shape[3]))
-        if graphs:
-            run = graphed(self, run, "segmentation model")
         if self.compiled is not None or graphs:
             # compiled and graphed forwards pad to a power of two: stay within the limit
             step = 1 << (step.bit_length() - 1)
@@ -284,8 +281,8 @@ class Seg(Annotator):
     def annotate_batch(self, images, keys=None):
         import torch
 
-        from annotators.hf_models import fetch_async, group_by_size, model_batches, run_pipelined, split_chunks
-        from annotators.weights import chunk_size
+        from annotators.hf_models import fetch_async, group_by_size, model_batches, split_chunks
+        from annotators.weights import chunk_size, run_pipelined
 
         self.setup()
         m = self._model

@@ -384,7 +384,7 @@ def images_to_device(images: Sequence[np.ndarray], device) -> "Any":
     host = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=True)
     _stage(host.numpy(), images)
     compute = torch.cuda.current_stream(device)
-    copy = _copy_stream(device)
+    copy = cuda_stream("upload", device)
     with torch.cuda.stream(copy):
         dev = host.to(device, non_blocking=True)
     compute.wait_stream(copy)
@@ -425,16 +425,18 @@ def _stage(staging: np.ndarray, images: Sequence[np.ndarray]) -> None:
     list(_STAGING_POOL.map(copy, range(0, len(images), step)))
 
 
-_COPY_STREAMS: dict[str, Any] = {}
+_STREAMS: dict[tuple[str, str], Any] = {}
 
 
-def _copy_stream(device) -> "Any":
+def cuda_stream(name: str, device) -> "Any":
+    """A CUDA stream for one purpose (``name``) on ``device``, made once and
+    shared by every caller in the process."""
     import torch
 
-    key = str(device)
-    if key not in _COPY_STREAMS:
-        _COPY_STREAMS[key] = torch.cuda.Stream(device)
-    return _COPY_STREAMS[key]
+    key = (name, str(device))
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device)
+    return _STREAMS[key]
 
 
 class HostCopy:
@@ -491,22 +493,31 @@ def chunk_size(option: int | None, n: int, device, gpu_chunk: int | None = None)
     return max(1, n)
 
 
-def pipelined(
-    n: int, chunk: int, launch: Callable[[int, int], Any], finish: Callable[[Any], None], depth: int = 2
+def run_pipelined(
+    items: Sequence[Any], launch: Callable[[Any], Any], finish: Callable[[Any], None], depth: int = 1
 ) -> None:
-    """Run ``launch(start, stop)`` (queue the device work of one chunk and
-    return a handle) and ``finish(handle)`` (the host work of that chunk) over
-    ``range(n)`` in chunks, keeping up to ``depth`` chunks in flight: the host
-    finishes chunk k while the device computes chunks k+1..k+depth."""
+    """``launch(item)`` (queue one chunk's device work and its copy to the
+    host; return a handle) for each item, and ``finish(handle)`` (the host
+    work of that chunk) in order, with up to ``depth`` chunks launched
+    ahead: the host finishes chunk k while the device computes chunk k+1."""
     from collections import deque
 
     pending: deque = deque()
-    for start in range(0, n, chunk):
-        pending.append(launch(start, min(n, start + chunk)))
+    for item in items:
+        pending.append(launch(item))
         if len(pending) > depth:
             finish(pending.popleft())
     while pending:
         finish(pending.popleft())
+
+
+def pipelined(
+    n: int, chunk: int, launch: Callable[[int, int], Any], finish: Callable[[Any], None], depth: int = 2
+) -> None:
+    """:func:`run_pipelined` over ``range(n)`` in chunks: ``launch(start,
+    stop)`` per chunk, up to ``depth`` chunks in flight."""
+    ranges = [(start, min(n, start + chunk)) for start in range(0, n, chunk)]
+    run_pipelined(ranges, lambda r: launch(*r), finish, depth)
 
 
 def resize_batch(x: "Any", size: tuple[int, int]) -> "Any":
