@@ -28,7 +28,7 @@ from fsspec.core import url_to_fs
 
 from annotators import create_annotator, get_annotator_class
 from pipelines.finalize import finalize
-from pipelines.options import AnnotateOptions
+from pipelines.options import AnnotateOptions, default_threads
 from pipelines.sources import InputRef
 from pipelines.stages import (
     Candidate,
@@ -245,7 +245,6 @@ class LoadedAnnotators:
     process's decode/encode threads."""
 
     def __init__(self, opts: AnnotateOptions) -> None:
-        import os
         import threading
         from concurrent.futures import ThreadPoolExecutor
 
@@ -260,11 +259,11 @@ class LoadedAnnotators:
             a.setup()
         self.lock = threading.Lock()
         # Decoding and encoding threads of this worker process.
-        io_threads = opts.io_threads or max(2, min(8, (os.cpu_count() or 2) // 2))
+        io_threads = opts.io_threads or default_threads()
         self.io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="controlset-io")
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controlset-prefetch")
         cpu = [a for a in self.annotators if not a.uses_gpu]
-        cpu_threads = max(len(cpu), opts.cpu_threads or min(8, (os.cpu_count() or 2) // 2))
+        cpu_threads = max(len(cpu), opts.cpu_threads or default_threads())
         self.pool = ThreadPoolExecutor(max_workers=cpu_threads, thread_name_prefix="controlset-cpu") \
             if cpu and len(cpu) < len(self.annotators) else None
         if self.pool is not None:
@@ -347,12 +346,16 @@ def annotator_batch_sizes(opts: AnnotateOptions, annotators) -> dict[str, int]:
     annotator's default for GPU annotators (at most ``CPU_BATCH_SIZE``
     without a GPU); CPU ones take the whole batch."""
     sizes = dict(opts.annotator_batch_sizes)
-    gpu = None
+    gpu = any(a.uses_gpu for a in annotators) and _cuda_available()
     for a in annotators:
         if a.name not in sizes and a.uses_gpu:
-            gpu = _cuda_available() if gpu is None else gpu
-            sizes[a.name] = a.default_batch_size if gpu else min(a.default_batch_size, CPU_BATCH_SIZE)
+            sizes[a.name] = _default_batch(type(a), gpu)
     return sizes
+
+
+def _default_batch(cls, gpu: bool) -> int:
+    """An annotator class's default batch, capped without a GPU."""
+    return cls.default_batch_size if gpu else min(cls.default_batch_size, CPU_BATCH_SIZE)
 
 
 def beam_batch_size(opts: AnnotateOptions) -> int:
@@ -368,8 +371,7 @@ def beam_batch_size(opts: AnnotateOptions) -> int:
     sizes = dict(opts.annotator_batch_sizes)
     classes = [get_annotator_class(n) for n, _ in opts.annotators]
     gpu = any(c.uses_gpu for c in classes) and _cuda_available()
-    defaults = [c.default_batch_size if gpu else min(c.default_batch_size, CPU_BATCH_SIZE) for c in classes]
-    largest = max([16] + [sizes.get(c.name, d) for c, d in zip(classes, defaults)])
+    largest = max([16] + [sizes.get(c.name, _default_batch(c, gpu)) for c in classes])
     return max(16, min(largest, -(-opts.shard_size // 2)))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -81,6 +82,14 @@ class AnnotateOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_threads(workers: int = 1) -> int:
+    """Decode/encode threads, and CPU-annotator threads, per worker process:
+    half the machine's CPUs divided among ``workers`` local worker processes
+    (2 to 8; the other half runs the other kind), so local runs do not
+    oversubscribe the cores."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2 // max(1, workers)))
 
 
 _GATE_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+)\s*$")

@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from annotators import create_annotator
 from pipelines.beam import NS, build_pipeline, pipeline_options
 from pipelines.finalize import STATS_FILE
-from pipelines.options import AnnotateOptions, parse_gate
+from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
 from schemas.errors import UsageError
 
@@ -70,11 +70,12 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
+    workers = local_workers(beam_args)
     if not opts.io_threads:
-        opts = replace(opts, io_threads=default_io_threads(beam_args))
+        opts = replace(opts, io_threads=default_threads(workers))
     if not opts.cpu_threads:
         # the same share of the cores for the CPU annotators' threads
-        opts = replace(opts, cpu_threads=default_io_threads(beam_args))
+        opts = replace(opts, cpu_threads=default_threads(workers))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
     try:
@@ -94,16 +95,14 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     return stats
 
 
-def default_io_threads(beam_args: list[str]) -> int:
-    """Decode/encode threads per worker process: half the machine's CPUs
-    divided among the local worker processes (2 to 8; the other half runs
-    the CPU annotators), so local runs do not oversubscribe the cores."""
+def local_workers(beam_args: list[str]) -> int:
+    """Worker processes of a local multi-processing DirectRunner run (else 1)."""
     workers = 1
-    if any(a in ("--direct_running_mode=multi_processing",) for a in beam_args):
+    if "--direct_running_mode=multi_processing" in beam_args:
         for a in beam_args:
             if a.startswith("--direct_num_workers="):
                 workers = max(1, int(a.split("=", 1)[1]))
-    return max(2, min(8, (os.cpu_count() or 2) // 2 // workers))
+    return workers
 
 
 def stage_counters(result) -> dict[str, int]:
