@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from schemas.errors import UsageError
+from schemas.files import read_yaml_mapping
 
 # Options shared by every neural annotator that accepts them.
 _COMMON_NEURAL = ("weights", "device", "precision")
@@ -89,16 +90,7 @@ def _annotator_names(text: str) -> list[str]:
 
 
 def _load_config(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read config {path!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"config {path!r} must be a mapping")
-    return data
+    return read_yaml_mapping(path) if path else {}
 
 
 def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:

@@ -1,14 +1,19 @@
-"""Atomic file writes on any fsspec filesystem, the way every controlset
-file is published (shards, manifests, records, stats, latent caches): the
-bytes go to a temporary name beside the target, which is then renamed into
-place, so a reader never sees a partial file under its final name and a
-killed run leaves only temporaries (marked by :data:`TMP_MARK`) behind."""
+"""Files as every controlset command handles them.
+
+Atomic writes on any fsspec filesystem, the way every controlset file is
+published (shards, manifests, records, stats, latent caches): the bytes go to
+a temporary name beside the target, which is then renamed into place, so a
+reader never sees a partial file under its final name and a killed run
+leaves only temporaries (marked by :data:`TMP_MARK`) behind. And the
+``--config`` YAML files of the commands."""
 
 from __future__ import annotations
 
 import os
 import posixpath
 import uuid
+
+from schemas.errors import UsageError
 
 #: Part of every temporary file name (``.<name>.tmp-<random>``): left-overs
 #: of killed runs are recognised and removed by it.
@@ -50,3 +55,17 @@ def atomic_write_bytes(fs, path: str, data: bytes) -> None:
     except BaseException:
         remove_quietly(fs, tmp)
         raise
+
+
+def read_yaml_mapping(path: str, what: str = "a mapping") -> dict:
+    """A ``--config`` YAML file that must hold a mapping (empty file: {})."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise UsageError(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold {what}")
+    return data

@@ -69,7 +69,7 @@ class EvalSettings:
 
 def load_config(path: str) -> dict:
     """Read and check a compare YAML file."""
-    from training.config import read_yaml_mapping
+    from schemas.files import read_yaml_mapping
 
     cfg = read_yaml_mapping(path)
     check_config(cfg, path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
 from schemas.errors import UsageError
+from schemas.files import read_yaml_mapping
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -162,20 +163,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             kw["type"] = str
         parser.add_argument(flag, **kw)
-
-
-def read_yaml_mapping(path: str, what: str = "a mapping") -> dict:
-    """A ``--config`` YAML file that must hold a mapping (empty file: {})."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise UsageError(f"cannot read --config {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold {what}")
-    return data
 
 
 def load_yaml(path: str) -> dict:
