@@ -154,10 +154,12 @@ def test_one_bad_image_costs_only_itself_and_overlap_gives_same_results(cpu_thre
 
 
 def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
-    import pipelines.beam as pb
-
+    import tempfile
     import uuid
 
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the claim files land in tmp_path
     opts = AnnotateOptions(inputs=("x",), output="y", gpus=2, run_id=f"test-{uuid.uuid4().hex}")
     monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
     first = pb.claim_gpu(opts)
@@ -168,6 +170,7 @@ def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
     monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
     with pytest.raises(RuntimeError):
         pb.claim_gpu(opts)
+    assert sorted(p.name for p in (tmp_path / f"controlset-gpus-{opts.run_id}").iterdir()) == ["gpu-0", "gpu-1"]
 
 
 def test_near_duplicates_by_perceptual_hash(photos_dir, tmp_path):
