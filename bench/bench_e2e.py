@@ -122,6 +122,13 @@ def steady_rate(out: Path, workers: int = 1) -> float | None:
     return round(images / span, 2) if span > 0 else None
 
 
+def commit_times(out: Path, start: float) -> list[float]:
+    """Seconds from the run's start (epoch ``start``) to each shard's commit,
+    in commit order: the first ``workers`` of them show start-up (imports,
+    model loading, graph capture, the first shard), the rest the steady state."""
+    return [round(t.stat().st_mtime - start, 1) for t in sorted(out.glob("*.tar"), key=lambda p: p.stat().st_mtime)]
+
+
 def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
     """Images/s of the reference annotators run one image at a time."""
     import torch
@@ -217,6 +224,7 @@ def main(argv=None) -> dict:
 
         faulthandler.dump_traceback_later(args.dump_stacks, repeat=False)
     with GpuSampler() as gpu:
+        start_epoch = time.time()
         t0 = time.perf_counter()
         stats = run_annotate(opts, beam_args)
         wall = time.perf_counter() - t0
@@ -224,12 +232,15 @@ def main(argv=None) -> dict:
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
     stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}
+    # model loading, summed over worker processes (they load side by side)
+    loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
+    commits = commit_times(work / "out", start_epoch)
     total_ms = sum(ms.values()) or 1
     partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
                "steady_images_per_s": steady,
                "written": stats["written"], "failed": stats["failed"], "beam_args": beam_args,
                "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "stage_seconds": stages,
-               "gpu": gpu.summary()}
+               "load_seconds": loading, "commit_seconds": commits, "gpu": gpu.summary()}
     print("pipeline:", json.dumps(partial), flush=True)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
@@ -260,6 +271,10 @@ def main(argv=None) -> dict:
         "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
         # the shard threads' time: waiting for decoding, annotating, waiting for encoding
         "stage_seconds": stages,
+        # model loading per annotator, summed over worker processes
+        "load_seconds": loading,
+        # seconds from the start of the run to each shard's commit
+        "commit_seconds": commits,
         "reference_chain_images_per_s": round(ref_rate, 3),
         "reference_images": len(ref_images),
         "speedup_vs_reference_chain": round(stats["written"] / wall / ref_rate, 1),

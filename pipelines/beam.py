@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 import time
 from typing import Any, Iterable
 
@@ -53,10 +54,24 @@ def _counter(name: str):
     return Metrics.counter(NS, name)
 
 
+def models_tag(opts: AnnotateOptions) -> str:
+    """The key under which a worker process shares its loaded annotators."""
+    return json.dumps(opts.annotators, sort_keys=True, default=str)
+
+
 class ProbeFn(beam.DoFn):
-    def __init__(self, opts: AnnotateOptions) -> None:
+    """Reads each input's bytes and header (no pixels). Its setup also starts
+    loading the annotators in the background when ``preload`` is set, so
+    model loading overlaps the planning stages instead of following them."""
+
+    def __init__(self, opts: AnnotateOptions, preload: bool = False) -> None:
         self.opts = opts
+        self.preload = preload
         self.inputs = _counter("inputs")
+
+    def setup(self) -> None:
+        if self.preload:
+            preload_annotators(self.opts)
 
     def process(self, ref: InputRef) -> Iterable:
         for result in probe_input(ref, self.opts):
@@ -130,7 +145,7 @@ class ShardFn(beam.DoFn):
         self.opts = opts
         self.total = total
         self._shared = Shared()
-        self._tag = json.dumps(opts.annotators, sort_keys=True, default=str)
+        self._tag = models_tag(opts)
         self.decoded = _counter("decoded")
         self.decode_failed = _counter("decode_failed")
         self.annotated = _counter("annotated")
@@ -142,7 +157,7 @@ class ShardFn(beam.DoFn):
     def setup(self) -> None:
         from pipelines.options import parse_gate
 
-        self.models = self._shared.acquire(lambda: LoadedAnnotators(self.opts), tag=self._tag)
+        self.models = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
         self.annotators = self.models.annotators
         self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
         self.batch = beam_batch_size(self.opts)
@@ -152,6 +167,7 @@ class ShardFn(beam.DoFn):
 
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
         index, digest, cands = item
+        self._report_loading()
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
         batches = [cands[i:i + self.batch] for i in range(0, len(cands), self.batch)]
@@ -192,6 +208,15 @@ class ShardFn(beam.DoFn):
         self.written.inc(summary.written)
         self.shards.inc()
         yield summary
+
+    def _report_loading(self) -> None:
+        """Model-loading seconds as counters (``load_ms_<annotator>``), once
+        per worker process: counters only count inside a bundle, not in
+        ``setup``."""
+        with self.models.lock:
+            pending, self.models.load_ms = self.models.load_ms, {}
+        for ann_name, ms in pending.items():
+            Metrics.counter(NS, f"load_ms_{ann_name}").inc(ms)
 
     def _decode(self, cands: list[Candidate]) -> list:
         return list(self.models.io_pool.map(lambda c: decode_candidate(c, self.opts), cands))
@@ -244,10 +269,11 @@ class LoadedAnnotators:
     """The annotators of one worker process, loaded once and shared, with the
     process's decode/encode threads."""
 
-    def __init__(self, opts: AnnotateOptions) -> None:
-        import threading
+    def __init__(self, opts: AnnotateOptions, cancel: threading.Event | None = None) -> None:
+        import os
         from concurrent.futures import ThreadPoolExecutor
 
+        started = time.perf_counter()
         gpu_index = claim_gpu(opts) if opts.gpus else None
         self.annotators = []
         for name, options in opts.annotators:
@@ -255,8 +281,18 @@ class LoadedAnnotators:
             if gpu_index is not None and "device" in get_annotator_class(name).option_names():
                 options["device"] = f"cuda:{gpu_index}"
             self.annotators.append(create_annotator(name, **options))
+        #: milliseconds each annotator took to load, not yet counted
+        self.load_ms: dict[str, int] = {}
         for a in self.annotators:
+            if cancel is not None and cancel.is_set():
+                raise PreloadCancelled()
+            t0 = time.perf_counter()
             a.setup()
+            self.load_ms[a.name] = int((time.perf_counter() - t0) * 1000)
+        slow = sorted(self.load_ms.items(), key=lambda kv: -kv[1])
+        log.info("process %d%s: annotators loaded in %.1f s (%s)", os.getpid(),
+                 "" if gpu_index is None else f" (GPU {gpu_index})", time.perf_counter() - started,
+                 ", ".join(f"{n} {ms / 1000:.1f} s" for n, ms in slow))
         self.lock = threading.Lock()
         # Decoding and encoding threads of this worker process.
         io_threads = opts.io_threads or default_threads()
@@ -283,6 +319,70 @@ class LoadedAnnotators:
         #: seconds each annotator has taken so far (the GPU threads start the
         #: costliest first)
         self.costs: dict[str, float] = {}
+
+
+class _Preload:
+    """Annotators loading on a background thread, cancellable between two
+    annotators' set-ups."""
+
+    def __init__(self, opts: AnnotateOptions) -> None:
+        from concurrent.futures import Future
+
+        self.future: Future = Future()
+        self.cancel = threading.Event()
+        self.thread = threading.Thread(target=self._load, args=(opts,), name="controlset-preload", daemon=True)
+        self.thread.start()
+
+    def _load(self, opts: AnnotateOptions) -> None:
+        try:
+            self.future.set_result(LoadedAnnotators(opts, self.cancel))
+        except BaseException as exc:  # re-raised where the models are taken
+            self.future.set_exception(exc)
+
+
+_PRELOADS: dict[str, _Preload] = {}
+_PRELOAD_LOCK = threading.Lock()
+
+
+def preload_annotators(opts: AnnotateOptions) -> None:
+    """Start loading ``opts``' annotators on a background thread of this
+    process (once per set of annotators and run); :func:`loaded_annotators`
+    takes the result. Loading then overlaps the planning stages that run
+    before the first shard (probing every input's header can take minutes on
+    a bucket)."""
+    tag = models_tag(opts)
+    with _PRELOAD_LOCK:
+        if tag not in _PRELOADS:
+            _PRELOADS[tag] = _Preload(opts)
+
+
+def loaded_annotators(opts: AnnotateOptions) -> "LoadedAnnotators":
+    """The preloaded annotators of ``opts`` (waiting for them if still
+    loading), else freshly loaded ones."""
+    with _PRELOAD_LOCK:
+        preload = _PRELOADS.get(models_tag(opts))
+    if preload is not None and not preload.cancel.is_set():
+        try:
+            return preload.future.result()
+        except PreloadCancelled:
+            pass
+    return LoadedAnnotators(opts)
+
+
+def discard_preloads() -> None:
+    """End of a run: stop and forget this process's preloads, so a
+    long-lived process keeps no models nobody took (a run whose shards were
+    all complete) and no thread is left loading."""
+    with _PRELOAD_LOCK:
+        preloads = list(_PRELOADS.values())
+        _PRELOADS.clear()
+    for preload in preloads:
+        preload.cancel.set()
+        preload.thread.join()
+
+
+class PreloadCancelled(Exception):
+    """A background load stopped by :func:`discard_preloads`."""
 
 
 def _own_cuda_stream(gpu_index: int | None) -> None:
@@ -409,13 +509,15 @@ def _finalize(_, opts: AnnotateOptions, inputs: int, boundaries: list[str],
 
 
 def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef],
-                   fingerprint: dict, run_info: dict) -> beam.PCollection:
-    """Add the annotate stages to ``p``; returns the one-element stats PCollection."""
+                   fingerprint: dict, run_info: dict, preload: bool = True) -> beam.PCollection:
+    """Add the annotate stages to ``p``; returns the one-element stats PCollection.
+
+    ``preload``: workers start loading the annotators while they probe inputs."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     probed = (
         p
         | "Inputs" >> beam.Create(refs, reshuffle=True)
-        | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
+        | "Probe" >> beam.ParDo(ProbeFn(opts, preload=preload)).with_outputs("records", main="ok")
     )
     inputs = probed.ok | "CountOk" >> beam.combiners.Count.Globally()
     early_failed = probed.records | "CountRecords" >> beam.combiners.Count.Globally()

@@ -149,11 +149,18 @@ def print_summary(stats: dict[str, Any], output: str) -> None:
             print(f"  {label}: {reasons}")
     counters = stats.get("counters", {})
     timed = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
+    loads = {k[8:]: v for k, v in counters.items() if k.startswith("load_ms_")}
     if timed:
         total = sum(timed.values()) or 1
-        print("  annotator        seconds   share")
+        print("  annotator        seconds   share   loading (s)")
         for name, ms in sorted(timed.items(), key=lambda kv: -kv[1]):
-            print(f"  {name:<14} {ms / 1000:9.1f}   {100 * ms / total:4.0f}%")
+            load = f"{loads[name] / 1000:13.1f}" if name in loads else ""
+            print(f"  {name:<14} {ms / 1000:9.1f}   {100 * ms / total:4.0f}%{load}")
+    waits = [(label, counters.get(f"stage_ms_{key}", 0)) for key, label in
+             (("annotate", "annotating"), ("wait_decode", "waiting for decoding"),
+              ("wait_encode", "waiting for encoding"))]
+    if any(ms for _, ms in waits):
+        print("  shard threads: " + ", ".join(f"{label} {ms / 1000:.1f}s" for label, ms in waits))
     stages = [("inputs", "probed"), ("decoded", "decoded"), ("decode_failed", "decode failed"),
               ("annotated", "annotated"), ("annotate_failed", "annotate failed"), ("gated", "gated"),
               ("shards_written", "shards written")]

@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from annotators import create_annotator
-from pipelines.beam import NS, build_pipeline, pipeline_options
+from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options
 from pipelines.finalize import STATS_FILE
 from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
@@ -82,6 +82,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         result = p.run()
         result.wait_until_finish()
     finally:
+        discard_preloads()
         if opts.gpus:
             import shutil
             import tempfile

@@ -263,3 +263,81 @@ def test_batch_sizes_follow_the_device_and_the_shard(monkeypatch):
     assert pb.beam_batch_size(small) == 64  # hed's 64: below half a shard (150)
     tiny = AnnotateOptions(inputs=("x",), output="y", annotators=opts.annotators, shard_size=100)
     assert pb.beam_batch_size(tiny) == 50
+
+
+def _blocking_setup_class(name: str):
+    """An annotator whose set-up blocks until released, counting set-ups."""
+    import threading
+
+    class Blocking(Annotator):
+        members = (f"{name}.png",)
+        started = threading.Event()
+        release = threading.Event()
+        setups: list[str] = []
+
+        def setup(self) -> None:
+            type(self).setups.append(self.name)
+            type(self).started.set()
+            assert type(self).release.wait(30)
+
+        def annotate_batch(self, images, keys=None):
+            return [Annotation({f"{name}.png": im[:, :, 0].copy()}) for im in images]
+
+    Blocking.name = name
+    return Blocking
+
+
+def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch):
+    import threading
+
+    import annotators.registry as registry
+    import pipelines.beam as pb
+
+    first, second = _blocking_setup_class("preload_a_test"), _blocking_setup_class("preload_b_test")
+    for cls in (first, second):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    opts = AnnotateOptions(inputs=("x",), output="y", annotators=(("preload_a_test", {}), ("preload_b_test", {})))
+
+    # loading starts on its own thread: preload returns while set-up blocks
+    pb.preload_annotators(opts)
+    pb.preload_annotators(opts)  # a second probe worker in the process adds nothing
+    assert first.started.wait(10)
+    first.release.set()
+    second.release.set()
+    models = pb.loaded_annotators(opts)
+    assert pb.loaded_annotators(opts) is models  # taken, not loaded again
+    assert first.setups == ["preload_a_test"] and second.setups == ["preload_b_test"]
+    assert set(models.load_ms) == {"preload_a_test", "preload_b_test"}
+    pb.discard_preloads()
+
+    # a run that ends before its models are taken stops the load between two
+    # annotators and leaves no thread behind
+    first.started.clear()
+    first.release.clear()
+    second.release.clear()
+    pb.preload_annotators(opts)
+    assert first.started.wait(10)
+    stopper = threading.Thread(target=pb.discard_preloads)
+    stopper.start()
+    stopper.join(0.5)
+    assert stopper.is_alive()  # waits for the set-up in progress...
+    first.release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert second.setups == ["preload_b_test"]  # ...and starts no other
+    assert not any(t.name == "controlset-preload" for t in threading.enumerate())
+    second.release.set()
+    fresh = pb.loaded_annotators(opts)  # nothing preloaded: loads now
+    assert fresh is not models and second.setups == ["preload_b_test"] * 2
+
+
+def test_loading_time_is_counted_per_annotator(photos_dir, tmp_path, capsys):
+    from pipelines.cli import print_summary
+
+    stats = annotate([photos_dir], tmp_path / "o", annotators=(("canny", {}), ("hough", {})))
+    counters = stats["counters"]
+    assert {"load_ms_canny", "load_ms_hough"} <= set(counters)
+    assert counters["stage_ms_annotate"] > 0
+    print_summary(stats, str(tmp_path / "o"))
+    out = capsys.readouterr().out
+    assert "loading (s)" in out and "shard threads: annotating" in out
