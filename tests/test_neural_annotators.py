@@ -298,6 +298,21 @@ def test_other_detect_resolution_keeps_the_sample_size(weights_dir):
         assert png.shape[:2] == image.shape[:2] and png.dtype == np.uint8
 
 
+def test_openpose_without_people_shares_one_read_only_black_canvas(weights_dir):
+    folder, _ = weights_dir
+    op = create_annotator("openpose", weights=folder, device="cpu")
+    coffee, cat = (np.ascontiguousarray(im[:96, :128]) for im in (data.coffee(), data.chelsea()))
+    a, b = op.annotate_batch([coffee, cat])
+    assert a.meta["people"] == b.meta["people"] == 0  # random weights find nobody
+    canvas = a.members["openpose.png"]
+    assert canvas is b.members["openpose.png"]
+    assert canvas.shape == (96, 128, 3) and not canvas.any()
+    with pytest.raises(ValueError):
+        canvas[0, 0] = 255  # nobody can draw into the shared canvas
+    other = op.annotate_batch([np.ascontiguousarray(data.coffee()[:64, :64])])[0].members["openpose.png"]
+    assert other.shape == (64, 64, 3) and not other.any()
+
+
 # --------------------------------------------------------------------------
 # Weights and the registry.
 
