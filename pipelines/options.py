@@ -41,6 +41,9 @@ class AnnotateOptions:
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs' GPU claims
     jpeg_quality: int = JPEG_QUALITY
+    #: decode large JPEGs at a reduced DCT scale when their crop keeps at
+    #: least twice the output's pixels per axis (pipelines.decode.DRAFT_GAP)
+    reduced_jpeg_decode: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class AnnotateOptions:
             "crop": self.crop,
             "shard_size": self.shard_size,
             "jpeg_quality": self.jpeg_quality,
+            "reduced_jpeg_decode": self.reduced_jpeg_decode,
             "annotators": annotator_descriptions,
             "gates": sorted(self.gates),
             "near_duplicates": self.near_duplicates,

@@ -18,7 +18,7 @@ import numpy as np
 
 from annotators import Annotation, Annotator
 from pipelines.decode import (
-    DecodeError, apply_geometry, decode_rgb, hamming, perceptual_hash, plan_geometry, probe_image,
+    DecodeError, apply_geometry, decode_rgb, draft_size, hamming, perceptual_hash, plan_geometry, probe_image,
 )
 from pipelines.options import AnnotateOptions
 from pipelines.sources import (
@@ -263,8 +263,11 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
         data = read_location(c.location, opts.max_file_bytes)
     except Exception as exc:
         return FailureRecord.from_exception(c.source, "read", "read_error", exc, key=c.key)
+    reduced = None
+    if opts.reduced_jpeg_decode and c.prior_meta is None:
+        reduced = draft_size(c.width, c.height, opts.resolution, opts.crop)
     try:
-        rgb, header = decode_rgb(data)
+        rgb, header = decode_rgb(data, reduced)
     except DecodeError as exc:
         return FailureRecord(c.source, FAILED, "decode", exc.reason, str(exc), key=c.key,
                              error_type="DecodeError")
@@ -279,8 +282,8 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
         box = tuple(json.loads(c.prior_meta).get("crop_box", (0, 0, rgb.shape[1], rgb.shape[0])))
         return Decoded(c, rgb, box, header.frames, prior)
     try:
-        box, size = plan_geometry(rgb.shape[1], rgb.shape[0], opts.resolution, opts.crop)
-        image = apply_geometry(rgb, box, size)
+        box, size = plan_geometry(header.width, header.height, opts.resolution, opts.crop)
+        image = apply_geometry(rgb, box, size, (header.width, header.height))
     except Exception as exc:
         return FailureRecord.from_exception(c.source, "decode", "resize_error", exc, key=c.key)
     return Decoded(c, image, box, header.frames)

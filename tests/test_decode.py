@@ -117,3 +117,62 @@ def test_no_crop_keeps_aspect_in_multiples_of_64():
     assert size[1] == 512 and size[0] % 64 == 0 and abs(size[0] / size[1] - 1000 / 700) < 0.1
     with pytest.raises(ValueError):
         plan_geometry(10, 10, 512, "diagonal")
+
+
+def _large(name: str, w: int, h: int) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(photo(name), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_with_the_full_size_in_the_header():
+    from pipelines.decode import draft_size
+
+    data = jpeg_bytes(_large("astronaut", 2400, 1800))
+    need = draft_size(2400, 1800, 256, "center")
+    assert need == (683, 512)  # 2 x 256 px across the 1800 px crop: libjpeg picks 1/2 (1200 x 900)
+    rgb, header = decode_rgb(data, need)
+    assert (header.width, header.height) == (2400, 1800)
+    assert rgb.shape == (900, 1200, 3)
+    assert draft_size(2400, 1800, 512, "center") is None  # 1800 px < 4 x 512: no reduction
+    assert draft_size(600, 400, 128, "center") is None  # only 1/2 would do, and not by 2x: full
+    png, _ = decode_rgb(png_bytes(Image.fromarray(photo("coffee"))), (100, 100))
+    assert png.shape == (400, 600, 3)  # other formats always decode in full
+
+
+@pytest.mark.parametrize("orientation,crop", [(1, "center"), (6, "center"), (1, "none"), (8, "none")])
+def test_reduced_decode_gives_nearly_the_same_sample(orientation, crop, tmp_path):
+    from pipelines.options import AnnotateOptions
+    from pipelines.sources import Location
+    from pipelines.stages import Candidate, decode_candidate
+
+    from _images import exif_rotated_jpeg
+
+    arr = _large("chelsea", 3000, 2000)
+    data = exif_rotated_jpeg(arr, orientation) if orientation != 1 else jpeg_bytes(arr)
+    path = tmp_path / "big.jpg"
+    path.write_bytes(data)
+    header = probe_image(data)
+    cand = Candidate("k", str(path), Location(str(path)), "", None, header.width, header.height)
+    out = {}
+    for reduced in (False, True):
+        opts = AnnotateOptions(inputs=(str(path),), output=str(tmp_path / "o"), resolution=256, crop=crop,
+                               reduced_jpeg_decode=reduced)
+        out[reduced] = decode_candidate(cand, opts)
+    full, fast = out[False], out[True]
+    from pipelines.decode import draft_size
+
+    reduced, _ = decode_rgb(data, draft_size(header.width, header.height, 256, crop))
+    assert (reduced.shape[1] * 2, reduced.shape[0] * 2) == (header.width, header.height)  # really at 1/2
+    assert fast.crop_box == full.crop_box  # in full-size pixels either way
+    assert fast.image.shape == full.image.shape
+    diff = np.abs(fast.image.astype(int) - full.image.astype(int))
+    assert diff.mean() < 0.6 and np.percentile(diff, 99) <= 4
+
+
+def test_reduced_decode_is_recorded_in_the_plan():
+    from pipelines.options import AnnotateOptions
+
+    a = AnnotateOptions(inputs=("x",), output="y")
+    b = AnnotateOptions(inputs=("x",), output="y", reduced_jpeg_decode=False)
+    assert a.fingerprint({}) != b.fingerprint({})  # a rerun with the other setting rewrites shards
