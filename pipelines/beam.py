@@ -350,35 +350,47 @@ def preload_annotators(opts: AnnotateOptions) -> None:
     takes the result. Loading then overlaps the planning stages that run
     before the first shard (probing every input's header can take minutes on
     a bucket)."""
-    tag = models_tag(opts)
+    key = _preload_key(opts)
     with _PRELOAD_LOCK:
-        if tag not in _PRELOADS:
-            _PRELOADS[tag] = _Preload(opts)
+        if key not in _PRELOADS:
+            _PRELOADS[key] = _Preload(opts)
+
+
+def _preload_key(opts: AnnotateOptions) -> tuple[str, str]:
+    # per run: two runs in one process never share (or cancel) a preload
+    return opts.run_id, models_tag(opts)
 
 
 def loaded_annotators(opts: AnnotateOptions) -> "LoadedAnnotators":
     """The preloaded annotators of ``opts`` (waiting for them if still
-    loading), else freshly loaded ones."""
+    loading), else freshly loaded ones. A preload that failed is dropped and
+    the load tried again here, so the error (or a retry's success) is the
+    caller's, as without preloading."""
+    key = _preload_key(opts)
     with _PRELOAD_LOCK:
-        preload = _PRELOADS.get(models_tag(opts))
+        preload = _PRELOADS.get(key)
     if preload is not None and not preload.cancel.is_set():
         try:
             return preload.future.result()
-        except PreloadCancelled:
-            pass
+        except BaseException:
+            with _PRELOAD_LOCK:
+                if _PRELOADS.get(key) is preload:
+                    del _PRELOADS[key]
     return LoadedAnnotators(opts)
 
 
-def discard_preloads() -> None:
-    """End of a run: stop and forget this process's preloads, so a
-    long-lived process keeps no models nobody took (a run whose shards were
-    all complete) and no thread is left loading."""
+def discard_preloads(run_id: str, wait: float = 30.0) -> None:
+    """End of run ``run_id``: stop and forget its preloads in this process,
+    so a long-lived process keeps no models nobody took (a run whose shards
+    were all complete). Waits up to ``wait`` seconds for a load in progress
+    to reach the end of its current annotator. Worker processes of other
+    runners exit with their run instead."""
     with _PRELOAD_LOCK:
-        preloads = list(_PRELOADS.values())
-        _PRELOADS.clear()
+        keys = [k for k in _PRELOADS if k[0] == run_id]
+        preloads = [_PRELOADS.pop(k) for k in keys]
     for preload in preloads:
         preload.cancel.set()
-        preload.thread.join()
+        preload.thread.join(wait)
 
 
 class PreloadCancelled(Exception):

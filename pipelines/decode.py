@@ -265,22 +265,41 @@ def draft_size(width: int, height: int, resolution: int, crop: str) -> tuple[int
     return need_w, need_h
 
 
-def apply_geometry(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int],
-                   full_size: tuple[int, int] | None = None) -> np.ndarray:
-    """Crop then resize: area averaging when shrinking (no aliasing), Lanczos
-    when enlarging, as ControlNet's annotator preprocessing does.
+#: EXIF orientation -> whether the displayed x and y axes run against the
+#: stored ones (the transposes of _ORIENTATION_OPS, undone).
+_FLIPPED_AXES = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
+                 5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
 
-    ``box`` is in pixels of the full image (``full_size``, width and height;
-    default: ``image``'s own); ``image`` may be that image decoded at a
-    reduced scale (:func:`decode_rgb`'s ``min_size``)."""
+
+def reduced_box(box: tuple[int, int, int, int], full_size: tuple[int, int], reduced_size: tuple[int, int],
+                orientation: int = 1) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """A crop box in full-size pixels (after orientation), for the same
+    image decoded at a reduced DCT scale (width, height ``reduced_size``):
+    the nearest box of whole reduced pixels, in reduced pixels and in
+    full-size pixels (the box the sample then really shows).
+
+    libjpeg's reduced pixel i covers stored pixels [i*s, (i+1)*s), the last
+    one only partly (the size is ceil(W / s)); where the orientation flips
+    an axis, that partial pixel comes first and shifts every other by its
+    missing part."""
+    flip_x, flip_y = _FLIPPED_AXES.get(orientation, (False, False))
+
+    def axis(lo: int, hi: int, full: int, n: int, flipped: bool) -> tuple[int, int, int, int]:
+        s = max(1, round(full / n))
+        shift = n * s - full if flipped else 0
+        a = min(n - 1, math.floor((lo + shift) / s + 0.5))
+        b = max(a + 1, min(n, math.floor((hi + shift) / s + 0.5)))
+        return a, b, max(0, a * s - shift), min(full, b * s - shift)
+
+    l, r, fl, fr = axis(box[0], box[2], full_size[0], reduced_size[0], flip_x)
+    t, b, ft, fb = axis(box[1], box[3], full_size[1], reduced_size[1], flip_y)
+    return (l, t, r, b), (fl, ft, fr, fb)
+
+
+def apply_geometry(image: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """Crop then resize: area averaging when shrinking (no aliasing), Lanczos
+    when enlarging, as ControlNet's annotator preprocessing does."""
     left, top, right, bottom = box
-    h, w = image.shape[:2]
-    if full_size is not None and (full_size[0], full_size[1]) != (w, h):
-        # a reduced decode: libjpeg's pixel i covers full pixels [i*s, (i+1)*s)
-        sx, sy = max(1, round(full_size[0] / w)), max(1, round(full_size[1] / h))
-        left, right = min(w - 1, round(left / sx)), max(1, min(w, round(right / sx)))
-        top, bottom = min(h - 1, round(top / sy)), max(1, min(h, round(bottom / sy)))
-        right, bottom = max(right, left + 1), max(bottom, top + 1)
     region = image[top:bottom, left:right]
     out_w, out_h = size
     if region.shape[1] == out_w and region.shape[0] == out_h:

@@ -39,7 +39,7 @@ class AnnotateOptions:
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
     cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: as io_threads
     gpus: int = 0  # >0: one worker process per GPU, each claiming its own
-    run_id: str = ""  # distinguishes concurrent runs' GPU claims
+    run_id: str = ""  # distinguishes concurrent runs (GPU claims, preloaded models); set per run
     jpeg_quality: int = JPEG_QUALITY
     #: decode large JPEGs at a reduced DCT scale when their crop keeps at
     #: least twice the output's pixels per axis (pipelines.decode.DRAFT_GAP)
@@ -72,17 +72,21 @@ class AnnotateOptions:
         Used in each shard's plan digest, so a rerun with other options
         rewrites shards instead of keeping stale ones.
         """
-        return {
+        fingerprint = {
             "schema_version": SCHEMA_VERSION,
             "resolution": self.resolution,
             "crop": self.crop,
             "shard_size": self.shard_size,
             "jpeg_quality": self.jpeg_quality,
-            "reduced_jpeg_decode": self.reduced_jpeg_decode,
             "annotators": annotator_descriptions,
             "gates": sorted(self.gates),
             "near_duplicates": self.near_duplicates,
         }
+        if self.reduced_jpeg_decode:
+            # only when on: a full decode is what shards were made with before
+            # the option existed, and those stay valid for --full-jpeg-decode
+            fingerprint["reduced_jpeg_decode"] = True
+        return fingerprint
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

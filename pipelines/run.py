@@ -60,8 +60,8 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         raise UsageError(f"no images or tar shards found in {', '.join(opts.inputs)}")
     fs, root = open_output_fs(opts.output)
     beam_args = list(beam_args or [])
+    opts = replace(opts, run_id=opts.run_id or uuid.uuid4().hex)
     if opts.gpus:
-        opts = replace(opts, run_id=opts.run_id or uuid.uuid4().hex)
         if not any(a.startswith("--runner") for a in beam_args) and not any(
                 a.startswith("--direct_running_mode") for a in beam_args):
             # One worker process per GPU; each claims its own GPU.
@@ -82,7 +82,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         result = p.run()
         result.wait_until_finish()
     finally:
-        discard_preloads()
+        discard_preloads(opts.run_id)
         if opts.gpus:
             import shutil
             import tempfile

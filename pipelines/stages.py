@@ -19,6 +19,7 @@ import numpy as np
 from annotators import Annotation, Annotator
 from pipelines.decode import (
     DecodeError, apply_geometry, decode_rgb, draft_size, hamming, perceptual_hash, plan_geometry, probe_image,
+    reduced_box,
 )
 from pipelines.options import AnnotateOptions
 from pipelines.sources import (
@@ -283,7 +284,12 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
         return Decoded(c, rgb, box, header.frames, prior)
     try:
         box, size = plan_geometry(header.width, header.height, opts.resolution, opts.crop)
-        image = apply_geometry(rgb, box, size, (header.width, header.height))
+        if rgb.shape[:2] == (header.height, header.width):
+            image = apply_geometry(rgb, box, size)
+        else:  # decoded at a reduced scale: crop whole reduced pixels, record the box they show
+            pixels, box = reduced_box(box, (header.width, header.height), (rgb.shape[1], rgb.shape[0]),
+                                      header.orientation)
+            image = apply_geometry(rgb, pixels, size)
     except Exception as exc:
         return FailureRecord.from_exception(c.source, "decode", "resize_error", exc, key=c.key)
     return Decoded(c, image, box, header.frames)

@@ -296,7 +296,8 @@ def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch)
     first, second = _blocking_setup_class("preload_a_test"), _blocking_setup_class("preload_b_test")
     for cls in (first, second):
         monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
-    opts = AnnotateOptions(inputs=("x",), output="y", annotators=(("preload_a_test", {}), ("preload_b_test", {})))
+    opts = AnnotateOptions(inputs=("x",), output="y", annotators=(("preload_a_test", {}), ("preload_b_test", {})),
+                           run_id="preload-test")
 
     # loading starts on its own thread: preload returns while set-up blocks
     pb.preload_annotators(opts)
@@ -308,7 +309,9 @@ def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch)
     assert pb.loaded_annotators(opts) is models  # taken, not loaded again
     assert first.setups == ["preload_a_test"] and second.setups == ["preload_b_test"]
     assert set(models.load_ms) == {"preload_a_test", "preload_b_test"}
-    pb.discard_preloads()
+    pb.discard_preloads("another-run")  # another run's end leaves this run's preload alone
+    assert pb.loaded_annotators(opts) is models
+    pb.discard_preloads(opts.run_id)
 
     # a run that ends before its models are taken stops the load between two
     # annotators and leaves no thread behind
@@ -317,7 +320,7 @@ def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch)
     second.release.clear()
     pb.preload_annotators(opts)
     assert first.started.wait(10)
-    stopper = threading.Thread(target=pb.discard_preloads)
+    stopper = threading.Thread(target=pb.discard_preloads, args=(opts.run_id,))
     stopper.start()
     stopper.join(0.5)
     assert stopper.is_alive()  # waits for the set-up in progress...
@@ -329,6 +332,50 @@ def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch)
     second.release.set()
     fresh = pb.loaded_annotators(opts)  # nothing preloaded: loads now
     assert fresh is not models and second.setups == ["preload_b_test"] * 2
+
+
+def test_a_failed_preload_is_retried_where_the_models_are_taken(monkeypatch):
+    import annotators.registry as registry
+    import pipelines.beam as pb
+
+    class FailsOnce(Annotator):
+        name = "fails_once_test"
+        members = ("fails_once_test.png",)
+        setups = 0
+
+        def setup(self) -> None:
+            type(self).setups += 1
+            if type(self).setups == 1:
+                raise RuntimeError("CUDA out of memory (once)")
+
+        def annotate_batch(self, images, keys=None):
+            return [Annotation({"fails_once_test.png": im[:, :, 0].copy()}) for im in images]
+
+    monkeypatch.setitem(registry._REGISTRY, FailsOnce.name, FailsOnce)
+    opts = AnnotateOptions(inputs=("x",), output="y", annotators=(("fails_once_test", {}),), run_id="fails-once")
+    pb.preload_annotators(opts)
+    models = pb.loaded_annotators(opts)  # the preload failed: loaded again, now fine
+    assert FailsOnce.setups == 2 and [a.name for a in models.annotators] == ["fails_once_test"]
+    assert pb.loaded_annotators(opts) is not models  # the failed preload is gone (Shared keeps the models)
+    pb.discard_preloads(opts.run_id)
+
+
+def test_the_pipeline_takes_the_models_its_probe_stage_preloaded(photos_dir, tmp_path, monkeypatch):
+    import threading
+
+    import pipelines.beam as pb
+
+    made = []
+    real = pb.LoadedAnnotators.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(threading.current_thread().name)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pb.LoadedAnnotators, "__init__", counting)
+    stats = annotate([photos_dir], tmp_path / "o", shard_size=3)
+    assert stats["shards"] >= 2
+    assert made == ["controlset-preload"]  # loaded once, in the background, and used
 
 
 def test_loading_time_is_counted_per_annotator(photos_dir, tmp_path, capsys):
