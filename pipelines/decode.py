@@ -73,6 +73,26 @@ def _check_pixels(width: int, height: int) -> None:
         )
 
 
+def _decode_errors(fn):
+    """Any exception of ``fn`` becomes a :class:`DecodeError`: image
+    libraries raise many types (SyntaxError, KeyError, IndexError, ...) for
+    crafted or damaged files, and one bad file must never stop a run."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DecodeError:
+            raise
+        except Image.DecompressionBombError as exc:
+            raise DecodeError("decompression_bomb", str(exc)) from exc
+        except Exception as exc:
+            raise DecodeError("decode_error", f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise DecodeError("empty_file", "file is empty")
@@ -86,6 +106,7 @@ def _open(data: bytes) -> Image.Image:
         raise DecodeError("decode_error", f"{type(exc).__name__}: {exc}") from exc
 
 
+@_decode_errors
 def probe_image(data: bytes) -> ImageHeader:
     """Read an image header: size (after EXIF orientation), format, mode.
 
@@ -184,6 +205,7 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+@_decode_errors
 def decode_rgb(data: bytes, min_size: tuple[int, int] | None = None) -> tuple[np.ndarray, ImageHeader]:
     """Decode ``data`` to an RGB uint8 array with EXIF orientation applied.
 
@@ -309,6 +331,7 @@ def apply_geometry(image: np.ndarray, box: tuple[int, int, int, int], size: tupl
     return cv2.resize(np.ascontiguousarray(region), (out_w, out_h), interpolation=interp)
 
 
+@_decode_errors
 def perceptual_hash(data: bytes) -> int:
     """64-bit DCT perceptual hash (pHash) of an image, after EXIF orientation.
 

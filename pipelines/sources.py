@@ -181,10 +181,15 @@ def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
 
 
 def read_location(loc: Location, max_bytes: int | None = None) -> bytes:
-    """The bytes of an image, wherever they live."""
+    """The bytes of an image, wherever they live; :class:`FileTooLargeError`
+    over ``max_bytes``."""
+    if max_bytes is not None and loc.size is not None and loc.size > max_bytes:
+        raise FileTooLargeError(f"tar member of {loc.size} bytes is larger than the {max_bytes}-byte limit")
     if loc.data is not None:
         return loc.data
     if loc.offset is None:
+        if loc.size is not None:  # a compressed tar's member left unread for its size
+            raise FileTooLargeError(f"tar member of {loc.size} bytes was not read: over the size limit")
         return read_bytes(loc.url, max_bytes)
     with fsspec.open(loc.url, "rb") as f:
         f.seek(loc.offset)
@@ -225,11 +230,13 @@ def _split_member(name: str) -> tuple[str, str]:
     return (posixpath.join(dirname, stem) if dirname else stem), ext
 
 
-def iter_tar_samples(url: str) -> Iterator[TarSample]:
+def iter_tar_samples(url: str, max_member_bytes: int | None = None) -> Iterator[TarSample]:
     """Group a tar's members into WebDataset samples, in tar order.
 
     Uncompressed tars are indexed by offset (bytes are read later, on
-    demand); compressed tars are streamed and their members carried in memory.
+    demand); compressed tars are streamed and their members carried in
+    memory, except members over ``max_member_bytes``, which are left unread
+    (reading their location raises :class:`FileTooLargeError`).
     """
     compressed = not url.lower().endswith(".tar")
     with fsspec.open(url, "rb") as f:
@@ -247,7 +254,9 @@ def iter_tar_samples(url: str) -> Iterator[TarSample]:
                     current = None
                 if current is None:
                     current = TarSample(key=key, members={})
-                if compressed:
+                if compressed and max_member_bytes is not None and info.size > max_member_bytes:
+                    current.members[ext] = Location(url, size=info.size)
+                elif compressed:
                     current.members[ext] = Location(url, data=tf.extractfile(info).read())
                 else:
                     current.members[ext] = Location(url, offset=info.offset_data, size=info.size)

@@ -32,6 +32,7 @@ from pipelines.sources import (
     read_location,
 )
 from schemas import FAILED, FILTERED, FailureRecord, ManifestRow, build_metadata, content_key, is_valid_key
+from schemas.records import printable
 from schemas.codec import encode_jpeg, encode_member
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def _candidate(
         except DecodeError as exc:
             return FailureRecord(source, FAILED, "decode", exc.reason, str(exc), key=key,
                                  error_type="DecodeError")
-    cand = Candidate(key, source, location, caption, caption_source, header.width, header.height, phash=phash)
+    cand = Candidate(key, printable(source), location, caption, caption_source, header.width, header.height,
+                     phash=phash)
     return _filter(cand, opts) or cand
 
 
@@ -150,40 +152,42 @@ def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | Fa
 
 def _probe_tar(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
     try:
-        for sample in iter_tar_samples(ref.source):
+        for sample in iter_tar_samples(ref.source, opts.max_file_bytes):
             source = f"{ref.source}#{sample.key}"
-            if sample.unsafe:
-                yield FailureRecord(source, FILTERED, "read", "unsafe_tar_member",
-                                    "tar member with an absolute path or '..' was not read")
-                continue
-            image_ext = next((e for e in _TAR_IMAGE_EXTS if e in sample.members), None)
-            if image_ext is None:
-                yield FailureRecord(
-                    source, FAILED, "read", "no_image_member",
-                    f"sample has no image member (members: {', '.join(sorted(sample.members)) or 'none'})",
-                )
-                continue
-            loc = sample.members[image_ext]
-            if "json" in sample.members and image_ext == "jpg":
-                prior = _controlset_sample(source, sample, loc)
-                if prior is not None:
-                    yield prior
-                    continue
             try:
-                if loc.size is not None and loc.size > opts.max_file_bytes:
-                    raise FileTooLargeError(f"member is larger than the {opts.max_file_bytes}-byte limit")
-                data = read_location(loc)
-                caption = None
-                if "txt" in sample.members:
-                    caption = read_location(sample.members["txt"]).decode("utf-8", errors="replace").strip()
-            except Exception as exc:
-                reason = "file_too_large" if isinstance(exc, FileTooLargeError) else "read_error"
-                yield FailureRecord.from_exception(source, "read", reason, exc)
-                continue
-            yield _candidate(source, loc, data, caption or "", "tar" if caption is not None else None, opts)
+                yield _probe_tar_sample(source, sample, opts)
+            except Exception as exc:  # one bad sample costs only itself, not the rest of the tar
+                yield FailureRecord.from_exception(source, "read", "bad_sample", exc)
     except Exception as exc:
         # Samples yielded before the damage stand; the tar itself is one failure.
         yield FailureRecord.from_exception(ref.source, "read", "bad_tar", exc)
+
+
+def _probe_tar_sample(source: str, sample, opts: AnnotateOptions) -> Candidate | FailureRecord:
+    """One sample of a tar: a candidate, or why it is not one."""
+    if sample.unsafe:
+        return FailureRecord(source, FILTERED, "read", "unsafe_tar_member",
+                             "tar member with an absolute path or '..' was not read")
+    image_ext = next((e for e in _TAR_IMAGE_EXTS if e in sample.members), None)
+    if image_ext is None:
+        return FailureRecord(
+            source, FAILED, "read", "no_image_member",
+            f"sample has no image member (members: {', '.join(sorted(sample.members)) or 'none'})",
+        )
+    loc = sample.members[image_ext]
+    if "json" in sample.members and image_ext == "jpg":
+        prior = _controlset_sample(source, sample, loc)
+        if prior is not None:
+            return prior
+    try:
+        data = read_location(loc, opts.max_file_bytes)
+        caption = None
+        if "txt" in sample.members:
+            caption = read_location(sample.members["txt"], 1 << 20).decode("utf-8", errors="replace").strip()
+    except Exception as exc:
+        reason = "file_too_large" if isinstance(exc, FileTooLargeError) else "read_error"
+        return FailureRecord.from_exception(source, "read", reason, exc)
+    return _candidate(source, loc, data, caption or "", "tar" if caption is not None else None, opts)
 
 
 def _controlset_sample(source: str, sample, loc: Location) -> Candidate | FailureRecord | None:
@@ -193,7 +197,7 @@ def _controlset_sample(source: str, sample, loc: Location) -> Candidate | Failur
     import json
 
     try:
-        meta = json.loads(read_location(sample.members["json"]).decode("utf-8"))
+        meta = json.loads(read_location(sample.members["json"], 1 << 24).decode("utf-8"))
     except Exception:
         return None
     if not isinstance(meta, dict) or "schema_version" not in meta or "annotators" not in meta:
@@ -202,15 +206,30 @@ def _controlset_sample(source: str, sample, loc: Location) -> Candidate | Failur
     if not is_valid_key(key):
         return None
     try:
-        caption = read_location(sample.members["txt"]).decode("utf-8") if "txt" in sample.members else ""
+        caption = read_location(sample.members["txt"], 1 << 20).decode("utf-8") if "txt" in sample.members else ""
     except Exception as exc:
         return FailureRecord.from_exception(source, "read", "read_error", exc, key=key)
     others = tuple(sorted((ext, l) for ext, l in sample.members.items() if ext not in ("jpg", "json", "txt")))
+    try:
+        width, height = _checked_size(meta.get("original_width", 0)), _checked_size(meta.get("original_height", 0))
+        box = meta.get("crop_box")
+        if box is not None and not (isinstance(box, list) and len(box) == 4
+                                    and all(isinstance(v, int) and 0 <= v < 1 << 31 for v in box)):
+            raise ValueError(f"crop_box must be four non-negative integers, got {box!r}")
+    except (TypeError, ValueError) as exc:
+        return FailureRecord(source, FAILED, "read", "bad_metadata", f"controlset metadata: {exc}", key=key,
+                             error_type=type(exc).__name__)
     return Candidate(
-        key, source, loc, caption, meta.get("caption_source"),
-        int(meta.get("original_width", 0)), int(meta.get("original_height", 0)),
+        key, printable(source), loc, caption, meta.get("caption_source"), width, height,
         prior_meta=json.dumps(meta, sort_keys=True), prior_members=others,
     )
+
+
+def _checked_size(value: Any) -> int:
+    """A pixel count from foreign metadata, as an int the outputs can hold."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 31:
+        raise ValueError(f"image sizes must be integers from 0 to 2**31-1, got {value!r}")
+    return value
 
 
 # ------------------------------------------------------------------------ dedup
@@ -276,11 +295,11 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
         import json
 
         try:
-            prior = {ext: read_location(l) for ext, l in c.prior_members}
+            prior = {ext: read_location(l, opts.max_file_bytes) for ext, l in c.prior_members}
         except Exception as exc:
             return FailureRecord.from_exception(c.source, "read", "read_error", exc, key=c.key)
         prior["jpg"] = data
-        box = tuple(json.loads(c.prior_meta).get("crop_box", (0, 0, rgb.shape[1], rgb.shape[0])))
+        box = tuple(json.loads(c.prior_meta).get("crop_box") or (0, 0, rgb.shape[1], rgb.shape[0]))
         return Decoded(c, rgb, box, header.frames, prior)
     try:
         box, size = plan_geometry(header.width, header.height, opts.resolution, opts.crop)

@@ -25,6 +25,9 @@ from schemas.files import TMP_MARK, atomic_write_bytes, commit, remove_quietly, 
 TAR_MTIME = 1577836800
 DIGEST_META = b"controlset.plan_digest"
 FAILED_META = b"controlset.failed"
+#: the tar's size in bytes, checked on resume (a tar replaced or cut short
+#: after its manifest was written is not taken as complete)
+TAR_BYTES_META = b"controlset.tar_bytes"
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -99,10 +102,16 @@ class ShardWriter:
         self.failures.append(record)
 
     def commit(self, digest: str) -> ShardSummary:
+        """Make the shard final: tar, failures, then the manifest, which marks
+        it complete. An earlier run's manifest goes first, so a crash between
+        the steps never leaves a new tar beside an old plan's manifest."""
+        manifest_path = posixpath.join(self.root, f"{self.name}.parquet")
         try:
             self._sink.close()
             self._file.close()
+            remove_quietly(self.fs, manifest_path)
             commit(self.fs, self.tmp, self.tar_path)
+            tar_bytes = self.fs.size(self.tar_path)
         except BaseException:
             self.abort()
             raise
@@ -113,9 +122,10 @@ class ShardWriter:
         else:
             remove_quietly(self.fs, failures_path)
         table = manifest_table(self.rows).replace_schema_metadata(
-            {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode()}
+            {DIGEST_META: digest.encode(), FAILED_META: str(len(failures)).encode(),
+             TAR_BYTES_META: str(tar_bytes).encode()}
         )
-        atomic_write_table(self.fs, posixpath.join(self.root, f"{self.name}.parquet"), table)
+        atomic_write_table(self.fs, manifest_path, table)
         return ShardSummary(self.name, len(self.rows), failures)
 
     def abort(self) -> None:
@@ -155,6 +165,8 @@ def shard_is_complete(fs, root: str, name: str, digest: str) -> bool:
             return False
         meta = read_parquet_file(fs, manifest).schema_arrow.metadata or {}
         if meta.get(DIGEST_META, b"").decode() != digest:
+            return False
+        if TAR_BYTES_META in meta and int(meta[TAR_BYTES_META]) != fs.size(posixpath.join(root, f"{name}.tar")):
             return False
         if int(meta.get(FAILED_META, b"0")) > 0:
             return fs.exists(posixpath.join(root, f"{name}.failures.parquet"))

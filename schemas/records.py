@@ -41,6 +41,20 @@ FAILED = "failed"
 FILTERED = "filtered"
 
 
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8 for outputs: bytes that were not UTF-8 (POSIX
+    file names arrive as surrogate escapes) are written as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # lone surrogates that are not escapes
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class FailureRecord:
     """Why one input did not become a sample: failures are data, not exceptions."""
@@ -56,6 +70,9 @@ class FailureRecord:
     def __post_init__(self) -> None:
         if self.kind not in (FAILED, FILTERED):
             raise ValueError(f"kind must be {FAILED!r} or {FILTERED!r}, got {self.kind!r}")
+        # records are written to parquet: names that are not UTF-8 are escaped
+        object.__setattr__(self, "source", printable(self.source))
+        object.__setattr__(self, "message", printable(self.message))
 
     def to_row(self) -> dict:
         return asdict(self)

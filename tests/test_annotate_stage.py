@@ -388,3 +388,34 @@ def test_loading_time_is_counted_per_annotator(photos_dir, tmp_path, capsys):
     print_summary(stats, str(tmp_path / "o"))
     out = capsys.readouterr().out
     assert "loading (s)" in out and "shard threads: annotating" in out
+
+
+def test_tampered_controlset_metadata_costs_only_its_sample(photos_dir, tmp_path):
+    import io
+    import tarfile
+
+    first = tmp_path / "first"
+    annotate([photos_dir], first, shard_size=100)
+    (shard,) = sorted(first.glob("*.tar"))
+    tampered = tmp_path / "tampered.tar"
+    edits = [("original_width", "x"), ("original_height", 2 ** 40), ("crop_box", None)]
+    keys_edited = {}
+    with tarfile.open(shard) as src, tarfile.open(tampered, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            if ext == "json" and (key in keys_edited or len(keys_edited) < len(edits)):
+                field, value = edits[len(keys_edited)] if key not in keys_edited else keys_edited[key]
+                keys_edited[key] = (field, value)
+                meta = json.loads(data)
+                meta[field] = value
+                data = json.dumps(meta).encode()
+            info = tarfile.TarInfo(member.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    stats = annotate([tampered], tmp_path / "again", annotators=(("hough", {}),))
+    # the two impossible sizes are failures with a reason; the null crop box
+    # (the whole image) and every other sample are written
+    assert stats["failed_by_reason"] == {"bad_metadata": 2}
+    assert stats["written"] == stats["inputs"] - 2 == 6 - 2
+    assert stats["reconciled"]

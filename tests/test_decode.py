@@ -184,3 +184,33 @@ def test_reduced_decode_is_recorded_in_the_plan():
     b = AnnotateOptions(inputs=("x",), output="y", reduced_jpeg_decode=False)
     assert a.fingerprint({}) != b.fingerprint({})  # a rerun with the other setting rewrites shards
     assert "reduced_jpeg_decode" not in b.fingerprint({})  # full decodes: as before the option existed
+
+
+def test_damaged_files_of_any_format_raise_only_decode_errors():
+    # image libraries raise SyntaxError, KeyError, IndexError, TypeError ...
+    # for damaged headers; each must become a DecodeError (one bad file never
+    # stops a run)
+    from pipelines.decode import perceptual_hash
+
+    frames = [Image.fromarray(np.full((24, 32, 3), v, np.uint8)) for v in (10, 120, 240)]
+    originals = []
+    for fmt, kw in (("TIFF", {"save_all": True, "append_images": frames[1:]}),
+                    ("GIF", {"save_all": True, "append_images": frames[1:]}),
+                    ("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("BMP", {})):
+        buf = io.BytesIO()
+        frames[0].save(buf, format=fmt, **kw)
+        originals.append(buf.getvalue())
+    rng = np.random.default_rng(0)
+    tried = 0
+    for data in originals:
+        for _ in range(60):
+            damaged = bytearray(data)
+            for pos in rng.integers(0, min(len(data), 200), size=3):
+                damaged[pos] = int(rng.integers(0, 256))
+            for fn in (probe_image, decode_rgb, perceptual_hash):
+                tried += 1
+                try:
+                    fn(bytes(damaged))
+                except DecodeError:
+                    pass
+    assert tried == 6 * 60 * 3

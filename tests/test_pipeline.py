@@ -318,3 +318,61 @@ def test_cli_annotate_preview_validate(tmp_path, photos_dir):
     (out / "shard-000001.parquet").unlink()
     r = _cli("validate", str(out))
     assert r.returncode == 1 and "manifest" in r.stdout
+
+
+def test_file_names_that_are_not_utf8_are_written_escaped(tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = os.path.join(os.fsencode(src), b"caf\xe9.jpg")  # Latin-1 name: not UTF-8
+    small = os.path.join(os.fsencode(src), b"tiny\xff.jpg")
+    with open(good, "wb") as f:
+        f.write(jpeg_bytes(photo("astronaut")))
+    with open(small, "wb") as f:
+        f.write(jpeg_bytes(photo("astronaut")[:64, :64]))
+    out = tmp_path / "out"
+    stats = annotate([src], out)
+    assert stats["written"] == 1 and stats["filtered_by_reason"] == {"too_small": 1} and stats["reconciled"]
+    (sample,) = wds.WebDataset(str(out / "shard-000000.tar"), shardshuffle=False).decode()
+    assert sample["json"]["source"].endswith("caf\\xe9.jpg")
+    (row,) = pq.read_table(out / "filtered.parquet").to_pylist()
+    assert row["source"].endswith("tiny\\xff.jpg")
+
+
+def test_resume_does_not_take_a_tar_from_another_plan(photos_dir, tmp_path):
+    out = tmp_path / "out"
+    first = annotate([photos_dir], out, resolution=128, shard_size=4)
+    tars_128 = tree_bytes(out, "*.tar")
+    manifests_128 = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet") if "failures" not in p.name}
+    annotate([photos_dir], out, resolution=96, shard_size=4)
+    # a crash after the new tars were renamed but before their manifests:
+    # the old plan's manifests would still stand beside the new tars
+    for name, data in manifests_128.items():
+        (out / name).write_bytes(data)
+    again = annotate([photos_dir], out, resolution=128, shard_size=4)
+    assert again["counters"].get("shards_skipped", 0) == 0  # the 96 px tars are not taken as done
+    assert tree_bytes(out, "*.tar") == tars_128 and again["written"] == first["written"]
+    assert validate_dataset(str(out)).ok
+    rerun = annotate([photos_dir], out, resolution=128, shard_size=4)
+    assert rerun["counters"]["shards_skipped"] == first["shards"]  # intact shards still resume
+
+
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz"])
+def test_size_limit_holds_for_members_of_plain_and_compressed_tars(suffix, tmp_path):
+    import gzip
+
+    small, big = jpeg_bytes(photo("coffee")[:300, :300]), jpeg_bytes(photo("astronaut"), quality=98)
+    assert len(small) < 40_000 < len(big)
+    plain = tmp_path / "in.tar"
+    write_tar(plain, [("a", {"jpg": small, "txt": b"small"}), ("b", {"jpg": big, "txt": b"big"})])
+    src = plain
+    if suffix == ".tar.gz":
+        src = tmp_path / "in.tar.gz"
+        src.write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        plain.unlink()
+    stats = annotate([src], tmp_path / "out", max_file_bytes=40_000)
+    assert stats["written"] == 1 and stats["failed_by_reason"] == {"file_too_large": 1}
+    assert stats["reconciled"]
