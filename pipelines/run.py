@@ -56,7 +56,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         if g.annotator not in names:
             raise UsageError(f"gate {gate!r} names annotator {g.annotator!r}, which is not selected")
     refs = discover(list(opts.inputs))
-    if not refs:
+    if not any(r.kind != "skipped" for r in refs):
         raise UsageError(f"no images or tar shards found in {', '.join(opts.inputs)}")
     fs, root = open_output_fs(opts.output)
     beam_args = list(beam_args or [])

@@ -27,15 +27,18 @@ _GLOB_CHARS = "*?["
 
 @dataclass(frozen=True)
 class InputRef:
-    """One discovered input: an image file or a WebDataset tar.
+    """One discovered input: an image file, a WebDataset tar, or something
+    found that cannot be read as either (``skipped``, with the reason in
+    ``note``; it becomes a filtered record, so no input goes unaccounted).
 
     ``source`` is the path or URL as the user gave it (joined with the
     sub-path for folders); ``caption`` is the path of a sidecar ``<stem>.txt``.
     """
 
     source: str
-    kind: str  # "image" or "tar"
+    kind: str  # "image", "tar" or "skipped"
     caption: str | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,16 +76,27 @@ def _classify(sources: list[str]) -> list[InputRef]:
         if source.lower().endswith(CAPTION_EXTENSION):
             captions[os.path.splitext(source)[0]] = source
     refs = []
+    paired = set()
     for source in sources:
         ext = _lower_ext(source)
         if ext in IMAGE_EXTENSIONS:
-            refs.append(InputRef(source, "image", captions.get(os.path.splitext(source)[0])))
+            caption = captions.get(os.path.splitext(source)[0])
+            paired.add(caption)
+            refs.append(InputRef(source, "image", caption))
         elif ext in TAR_EXTENSIONS:
             refs.append(InputRef(source, "tar"))
-    return refs
+    for source in sources:
+        ext = _lower_ext(source)
+        if ext == CAPTION_EXTENSION and source not in paired:
+            refs.append(InputRef(source, "skipped", note="caption file without an image of the same name"))
+        elif ext not in IMAGE_EXTENSIONS + TAR_EXTENSIONS + (CAPTION_EXTENSION,):
+            refs.append(InputRef(source, "skipped", note=f"not an image or tar file (extension {ext or 'none'!r})"))
+    return sorted(refs, key=lambda r: r.source)
 
 
-def _expand_local(given: str) -> list[str]:
+def _expand_local(given: str, unreadable: list[OSError]) -> list[str]:
+    """Files of a local path or glob; folders that cannot be listed are
+    appended to ``unreadable``."""
     if any(c in given for c in _GLOB_CHARS):
         hits = sorted(glob.glob(given, recursive=True))
         if not hits:
@@ -94,7 +108,7 @@ def _expand_local(given: str) -> list[str]:
     files = []
     for hit in hits:
         if os.path.isdir(hit):
-            for dirpath, dirnames, filenames in os.walk(hit):
+            for dirpath, dirnames, filenames in os.walk(hit, onerror=unreadable.append):
                 dirnames.sort()
                 files += [os.path.join(dirpath, name) for name in filenames]
         elif os.path.isfile(hit):
@@ -143,14 +157,17 @@ def discover(inputs: list[str]) -> list[InputRef]:
     for an input that does not exist or matches nothing.
     """
     found: set[str] = set()
+    unreadable: list[OSError] = []
     for given in inputs:
-        files = _expand_url(given) if _is_url(given) else _expand_local(given)
+        files = _expand_url(given) if _is_url(given) else _expand_local(given, unreadable)
         found.update(files)
         if any(c in given for c in _GLOB_CHARS):
             # A pattern like '*.jpg' must not lose the '<stem>.txt' captions
             # beside the images it matches.
             found.update(_sibling_captions(given, files))
-    return _classify(sorted(found))
+    skipped = [InputRef(os.path.normpath(str(exc.filename)), "skipped",
+                        note=f"folder cannot be listed: {exc.strerror or exc}") for exc in unreadable]
+    return sorted(_classify(sorted(found)) + skipped, key=lambda r: r.source)
 
 
 def _sibling_captions(given: str, files: list[str]) -> list[str]:

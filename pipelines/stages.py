@@ -133,6 +133,9 @@ def _read_caption(url: str) -> str | None:
 def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
     """Read one input (an image, or every sample of a tar), compute content
     keys, read headers and apply the size/aspect filters."""
+    if ref.kind == "skipped":
+        yield FailureRecord(ref.source, FILTERED, "discover", "not_an_input", ref.note or "not an input")
+        return
     if ref.kind == "tar":
         yield from _probe_tar(ref, opts)
         return

@@ -61,7 +61,7 @@ class FailureRecord:
 
     source: str
     kind: str  # FAILED or FILTERED
-    stage: str  # read, decode, filter, dedup, annotate, encode, write
+    stage: str  # discover, read, decode, filter, dedup, annotate, encode, write
     reason: str  # short machine-readable reason, e.g. "too_small"
     message: str
     key: str | None = None

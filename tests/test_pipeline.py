@@ -376,3 +376,24 @@ def test_size_limit_holds_for_members_of_plain_and_compressed_tars(suffix, tmp_p
     stats = annotate([src], tmp_path / "out", max_file_bytes=40_000)
     assert stats["written"] == 1 and stats["failed_by_reason"] == {"file_too_large": 1}
     assert stats["reconciled"]
+
+
+def test_files_that_are_not_inputs_are_recorded_not_dropped(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "cat.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
+    (src / "cat.txt").write_text("a cat")  # its caption: not an input of its own
+    (src / "orphan.txt").write_text("no image")
+    (src / "sub" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic")
+    (src / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    stats = annotate([src], tmp_path / "out")
+    assert stats["inputs"] == 4 and stats["written"] == 1 and stats["reconciled"]
+    assert stats["filtered_by_reason"] == {"not_an_input": 3}
+    rows = pq.read_table(tmp_path / "out" / "filtered.parquet").to_pylist()
+    notes = {Path(r["source"]).name: r["message"] for r in rows}
+    assert set(notes) == {"orphan.txt", "phone.heic", ".DS_Store"}
+    assert "'.heic'" in notes["phone.heic"] and "without an image" in notes["orphan.txt"]
+    with pytest.raises(Exception, match="no images or tar shards"):
+        annotate([src / "orphan.txt"], tmp_path / "none")
