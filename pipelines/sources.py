@@ -226,11 +226,15 @@ class TarSample:
 
     ``unsafe`` is set for a member whose name is absolute or contains ``..``:
     such members are never read, only reported (``key`` is then its name).
+    ``problem`` says why a sample cannot be used as it stands (a link member,
+    a member name given twice, a key split across the tar); it is reported,
+    not read.
     """
 
     key: str
     members: dict[str, Location]
     unsafe: bool = False
+    problem: str | None = None
 
 
 def _safe_member_name(name: str) -> bool:
@@ -259,18 +263,29 @@ def iter_tar_samples(url: str, max_member_bytes: int | None = None) -> Iterator[
     with fsspec.open(url, "rb") as f:
         with tarfile.open(fileobj=f, mode="r|*" if compressed else "r:") as tf:
             current: TarSample | None = None
+            done: set[str] = set()  # keys of samples already yielded
             for info in tf:
-                if not info.isfile():
+                if info.isdir():
                     continue
                 if not _safe_member_name(info.name):
                     yield TarSample(key=info.name, members={}, unsafe=True)
                     continue
+                if not info.isfile():
+                    yield TarSample(key=info.name, members={},
+                                    problem="tar member is a link or special file; links are not followed")
+                    continue
                 key, ext = _split_member(info.name)
                 if current is not None and current.key != key:
+                    done.add(current.key)
                     yield current
                     current = None
                 if current is None:
                     current = TarSample(key=key, members={})
+                    if key in done:
+                        current.problem = ("key appears again after other samples; WebDataset readers "
+                                           "would split it, so this part is not used")
+                if ext in current.members:
+                    current.problem = f"member {info.name!r} appears twice; which one is meant is unclear"
                 if compressed and max_member_bytes is not None and info.size > max_member_bytes:
                     current.members[ext] = Location(url, size=info.size)
                 elif compressed:

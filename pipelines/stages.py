@@ -171,6 +171,8 @@ def _probe_tar_sample(source: str, sample, opts: AnnotateOptions) -> Candidate |
     if sample.unsafe:
         return FailureRecord(source, FILTERED, "read", "unsafe_tar_member",
                              "tar member with an absolute path or '..' was not read")
+    if sample.problem:
+        return FailureRecord(source, FAILED, "read", "bad_tar_sample", sample.problem)
     image_ext = next((e for e in _TAR_IMAGE_EXTS if e in sample.members), None)
     if image_ext is None:
         return FailureRecord(

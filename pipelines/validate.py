@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.dataset import iter_tar, list_shards, read_stats
 from pipelines.finalize import FAILURES_FILE, FILTERED_FILE
-from pipelines.writer import read_table
+from pipelines.writer import TAR_BYTES_META, read_table
 from schemas import REQUIRED_META_KEYS, is_valid_key
 
 
@@ -85,7 +85,14 @@ def validate_dataset(dataset: str) -> ValidationReport:
         manifest_path = posixpath.join(root, f"{name}.parquet")
         rows: dict[str, dict] = {}
         if fs.exists(manifest_path):
-            rows = {r["key"]: r for r in read_table(fs, manifest_path).to_pylist()}
+            table = read_table(fs, manifest_path)
+            rows = {r["key"]: r for r in table.to_pylist()}
+            if len(rows) != table.num_rows:
+                report.problems.append(f"{name}: manifest lists a key more than once")
+            recorded = (table.schema.metadata or {}).get(TAR_BYTES_META)
+            tar_path = posixpath.join(root, f"{name}.tar")
+            if recorded is not None and fs.exists(tar_path) and int(recorded) != fs.size(tar_path):
+                report.problems.append(f"{name}.tar: {fs.size(tar_path)} bytes, the manifest says {int(recorded)}")
         else:
             report.problems.append(f"{name}: manifest {name}.parquet missing")
         keys = []
@@ -121,6 +128,9 @@ def validate_dataset(dataset: str) -> ValidationReport:
                 report.problems.append(f"stats.json {label}_by_reason disagrees with {fname}")
         else:
             report.problems.append(f"{fname} missing")
+    if shard_failures > sum(counts.values()):
+        report.problems.append(f"shards' failure files hold {shard_failures} records, "
+                               f"the run's records only {sum(counts.values())}")
     if stats.get("written") != report.samples:
         report.problems.append(f"stats.json says {stats.get('written')} written, shards hold {report.samples}")
     for label in ("failed", "filtered"):

@@ -120,6 +120,13 @@ def test_validate_accepts_and_catches_damage(hostile_run, tmp_path):
     report = validate_dataset(str(damaged))
     assert not report.ok
     assert any("shard-000001" in p for p in report.problems)
+    # a tar that still reads but is not the one the manifest describes
+    padded = tmp_path / "padded"
+    shutil.copytree(out, padded)
+    with open(padded / "shard-000000.tar", "ab") as f:
+        f.write(b"\0" * 10240)
+    report = validate_dataset(str(padded))
+    assert [p for p in report.problems if "shard-000000.tar" in p and "manifest says" in p]
 
 
 def test_rerun_is_byte_identical_and_skips_finished_shards(hostile_run, tmp_path):
@@ -397,3 +404,32 @@ def test_files_that_are_not_inputs_are_recorded_not_dropped(tmp_path):
     assert "'.heic'" in notes["phone.heic"] and "without an image" in notes["orphan.txt"]
     with pytest.raises(Exception, match="no images or tar shards"):
         annotate([src / "orphan.txt"], tmp_path / "none")
+
+
+def test_links_repeated_members_and_split_keys_in_tars_are_recorded(tmp_path):
+    import tarfile
+
+    good, other = jpeg_bytes(photo("coffee")), jpeg_bytes(photo("chelsea"))
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tf:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        add("a.jpg", good)
+        link = tarfile.TarInfo("l.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+        add("b.jpg", other)
+        add("b.jpg", good)  # the same member name twice
+        add("c.jpg", other)
+        add("d.jpg", good[:100])
+        add("c.txt", b"caption of c, apart from its image")
+    stats = annotate([path], tmp_path / "out")
+    # a, and c's first part (its image; the caption that comes later is recorded)
+    assert stats["written"] == 2 and stats["reconciled"]
+    assert stats["failed_by_reason"] == {"bad_tar_sample": 3, "decode_error": 1}
+    rows = pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()
+    messages = {r["source"].split("#")[1]: r["message"] for r in rows}
+    assert "link" in messages["l.jpg"] and "twice" in messages["b"] and "appears again" in messages["c"]
