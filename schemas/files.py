@@ -31,9 +31,27 @@ def commit(fs, tmp: str, path: str) -> None:
     from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem):
+        # the bytes reach the disk before the name does, and the rename
+        # itself is made durable: after a power cut a final name never
+        # points at a file cut short
+        _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)  # atomic within one filesystem
+        _fsync(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     else:
         fs.mv(tmp, path)  # object stores publish an object only once it is complete
+
+
+def _fsync(path: str, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. folders cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def remove_quietly(fs, path: str) -> None:

@@ -75,3 +75,27 @@ def test_failure_records_table_and_kind_check():
     assert row["kind"] == "failed" and row["error_type"] == "OSError" and row["message"] == "gone"
     with pytest.raises(ValueError):
         FailureRecord("a", "broken", "read", "x", "y")
+
+
+def test_local_commits_reach_the_disk_before_the_name(tmp_path, monkeypatch):
+    import os
+
+    import fsspec
+
+    from schemas.files import atomic_write_bytes
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "stats.json"
+    atomic_write_bytes(fsspec.filesystem("file"), str(target), b"{}")
+    assert target.read_bytes() == b"{}"
+    assert len(synced) == 2  # the file under its temporary name, then the folder
+    if isinstance(synced[0], str):
+        assert ".stats.json.tmp-" in synced[0] and synced[1] == str(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
