@@ -433,3 +433,23 @@ def test_links_repeated_members_and_split_keys_in_tars_are_recorded(tmp_path):
     rows = pq.read_table(tmp_path / "out" / "failures.parquet").to_pylist()
     messages = {r["source"].split("#")[1]: r["message"] for r in rows}
     assert "link" in messages["l.jpg"] and "twice" in messages["b"] and "appears again" in messages["c"]
+
+
+def test_a_folder_that_cannot_be_listed_is_recorded(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    (src / "locked").mkdir(parents=True)
+    (src / "locked" / "x.jpg").write_bytes(jpeg_bytes(photo("coffee")))
+    (src / "ok.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # as for a folder without read permission (root here can read anything)
+        if not isinstance(path, int) and os.fsdecode(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = annotate([src], tmp_path / "out")
+    assert stats["written"] == 1 and stats["filtered_by_reason"] == {"not_an_input": 1} and stats["reconciled"]
+    (row,) = pq.read_table(tmp_path / "out" / "filtered.parquet").to_pylist()
+    assert row["source"].endswith("locked") and "cannot be listed" in row["message"]
