@@ -262,12 +262,144 @@ def test_interrupted_run_matches_uninterrupted(full_run, tiny_base, shards, tmp_
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["phase"] for r in a] == [r["phase"] for r in b]
+    # The EMA (with its warm-up count) continues exactly too.
+    from safetensors.torch import load_file
+
+    ema_a = load_file(os.path.join(full_run["out"], "checkpoint-6", "ema.safetensors"))
+    ema_b = load_file(os.path.join(out, "checkpoint-6", "ema.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    with open(os.path.join(out, "checkpoint-6", "state.json")) as f:
+        assert json.load(f)["ema_updates"] == 6
     # Resuming again from a checkpoint in the unlocked phase (step 4) continues identically too.
     again = tmp_path / "again"
     os.makedirs(again)
     shutil.copytree(os.path.join(full_run["out"], "checkpoint-4"), again / "checkpoint-4")
     train(_cfg(tiny_base, shards, again, resume_from_checkpoint="latest", validation_steps=0, export=False))
     assert [r["loss"] for r in _metrics(again)] == [r["loss"] for r in a[4:]]
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tiny_base, shards, tmp_path):
+    """A new run beside an earlier run's checkpoints would have its own rotated
+    away and ``latest`` would resume the old run: refused unless overwritten."""
+    from training.train import list_checkpoints, train
+
+    out = tmp_path / "reused"
+    os.makedirs(out / "checkpoint-8")
+    (out / "checkpoint-8" / "state.json").write_text(json.dumps({"step": 8, "phase": "locked"}))
+    kw = dict(max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1, validation_steps=0, export=False,
+              dataloader_num_workers=0)
+    with pytest.raises(UsageError, match="checkpoint-8.*--resume-from-checkpoint latest.*--overwrite-output-dir"):
+        train(_cfg(tiny_base, shards, out, **kw))
+    train(_cfg(tiny_base, shards, out, overwrite_output_dir=True, **kw))
+    assert [os.path.basename(p) for p in list_checkpoints(str(out))] == ["checkpoint-2"]
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+
+
+def test_resume_checks_method_and_trained_weights(full_run, tiny_base, shards, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from training.train import train
+
+    out = tmp_path / "resume"
+    shutil.copytree(os.path.join(full_run["out"], "checkpoint-4"), out / "checkpoint-4")
+    kw = dict(resume_from_checkpoint="latest", validation_steps=0, export=False, dataloader_num_workers=0)
+    # controlnet_gaussian has the same weight names as controlnet: only state.json tells them apart.
+    with pytest.raises(UsageError, match="--method controlnet, not --method controlnet_gaussian"):
+        train(_cfg(tiny_base, shards, out, method="controlnet_gaussian", **kw))
+    # A weight the (unlocked) phase trains is missing: it must not silently restart from the base.
+    path = out / "checkpoint-4" / "trainable.safetensors"
+    weights = load_file(path)
+    dropped = next(k for k in weights if k.startswith("unet.up_blocks."))
+    save_file({k: v for k, v in weights.items() if k != dropped}, path)
+    with pytest.raises(UsageError, match="lacks 1 weight"):
+        train(_cfg(tiny_base, shards, out, **kw))
+
+
+def test_unsupported_prediction_type_is_refused(tiny_base, shards, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from training.models import denoising_target
+    from training.train import train
+
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    eps = DDPMScheduler(prediction_type="epsilon")
+    assert torch.equal(denoising_target(eps, latents, noise, t), noise)
+    v = DDPMScheduler(prediction_type="v_prediction")
+    assert torch.equal(denoising_target(v, latents, noise, t), v.get_velocity(latents, noise, t))
+    with pytest.raises(UsageError, match="'sample'"):
+        denoising_target(DDPMScheduler(prediction_type="sample"), latents, noise, t)
+    # The trainer stops at start, before any step.
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    cfg_path = base / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "prediction_type": "sample"}))
+    with pytest.raises(UsageError, match="prediction_type 'sample'"):
+        train(_cfg(str(base), shards, tmp_path / "out", validation_steps=0, export=False))
+    assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")
+
+
+def test_ema_warms_up():
+    """diffusers-style warm-up: the initial (zero) weights fade out quickly."""
+    from training.train import EMA
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([p], decay=0.9999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.update()
+    assert ema.updates == 1 and torch.allclose(ema.shadow[0], torch.full((3,), 0.9))
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    for _ in range(999):
+        ema.update()
+    # Without the warm-up, 0.9999 ** 1000 = 90% of the average would still be the zeros.
+    assert ema.shadow[0].min() > 0.99
+    assert ema.current_decay() == pytest.approx(1001 / 1010)
+
+
+def test_fp16_skipped_step_is_detected():
+    from training.train import optimizer_step
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale((p * torch.tensor([1.0, float("inf")])).sum()).backward()
+    assert not optimizer_step(opt, scaler) and torch.equal(p.detach(), torch.zeros(2))
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    assert optimizer_step(opt, scaler) and torch.equal(p.detach(), torch.full((2,), -1.0))
+    opt.zero_grad()
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    off.scale(p.sum()).backward()
+    assert optimizer_step(opt, off)
+
+
+def test_xattn_adapter_with_gradient_checkpointing(tiny_base):
+    """The condition tokens reach the recomputed blocks in the backward pass:
+    same gradients with and without checkpointing."""
+    from training.models import build_method, load_base
+
+    torch.manual_seed(0)
+    method = build_method("xattn_adapter", load_base(tiny_base))
+    method.set_phase("locked")
+    with torch.no_grad():  # non-zero outputs, so gradients reach the encoder and the keys/values too
+        for a in method.adapters.values():
+            a.to_out.weight.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    noisy, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, method.unet.config.cross_attention_dim, generator=g)
+    cond, t = torch.rand(2, 3, 64, 64, generator=g), torch.tensor([10, 500])
+    params = [p for grp in method.param_groups("locked") for p in grp["params"]]
+
+    def grads() -> list[torch.Tensor]:
+        method.zero_grad(set_to_none=True)
+        method(noisy, t, text, cond).pow(2).mean().backward()
+        return [p.grad.clone() for p in params]
+
+    plain = grads()
+    method.enable_gradient_checkpointing()
+    method.train()
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert any(g.abs().sum() > 0 for g in checkpointed[:4])  # the condition encoder learns
 
 
 def test_exports_load_back(full_run):
@@ -344,6 +476,9 @@ def test_ddp_two_cpu_processes(tiny_base, shards, tmp_path):
     ckpt = out / "checkpoint-3"
     states = [json.loads(torch.load(ckpt / f"rank-{r}.pt", weights_only=True)["data"]) for r in (0, 1)]
     assert set(states[0]["streams"]) == {"0"} and set(states[1]["streams"]) == {"1"}
+    # skipped_samples counts every rank's skipped samples (the corrupt one is read by rank 1 here).
+    assert states[1]["skipped"] >= 1
+    assert rows[-1]["skipped_samples"] == states[0]["skipped"] + states[1]["skipped"]
 
 
 def test_bf16_run_exports_full_precision_unet(tiny_base, shards, tmp_path):

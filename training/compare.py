@@ -182,7 +182,7 @@ class Evaluator:
     @torch.no_grad()
     def heldout_loss(self, base, method, device, dtype) -> float:
         """Denoising MSE on the held-out samples at fixed timesteps and noise."""
-        from training.models import encode_images, encode_prompts
+        from training.models import denoising_target, encode_images, encode_prompts
 
         method.eval()
         gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
@@ -198,9 +198,7 @@ class Evaluator:
                     noise = torch.randn(latents.shape, generator=gen).to(device)
                     tt = torch.full((latents.shape[0],), int(t), device=device, dtype=torch.long)
                     noisy = base.noise_scheduler.add_noise(latents, noise, tt)
-                    target = noise
-                    if base.noise_scheduler.config.prediction_type == "v_prediction":
-                        target = base.noise_scheduler.get_velocity(latents, noise, tt)
+                    target = denoising_target(base.noise_scheduler, latents, noise, tt)
                     pred = method(noisy, tt, text, cond).float()
                     losses.append(float(torch.nn.functional.mse_loss(pred, target.float())) * latents.shape[0])
         return sum(losses) / (len(self.captions) * len(self.settings.loss_timesteps))

@@ -80,6 +80,8 @@ class TrainConfig:
     checkpointing_steps: int = _f(500, "save a resumable checkpoint every N optimiser steps")
     checkpoints_total_limit: int | None = _f(3, "keep only the last K checkpoints (None = keep all)")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint folder to resume from")
+    overwrite_output_dir: bool = _f(False, "start a fresh run in an --output-dir that holds an earlier run's "
+                                    "checkpoints, deleting them (without it such a run stops with an error)")
     validation_steps: int = _f(500, "generate validation images every N steps (0 = never)")
     validation_shards: list[str] = _f([], "held-out shards whose conditions and captions are used for validation")
     num_validation_images: int = _f(4, "held-out samples generated at each validation")

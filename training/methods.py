@@ -432,21 +432,28 @@ class CrossAttnAdapter(nn.Module):
 
 
 class _AdapterProcessor:
-    """Attention processor: the layer's usual attention plus attention of its
-    (frozen) queries over the condition tokens through the adapter."""
+    """Attention processor: the layer's usual attention plus, on
+    cross-attention layers (``adapter`` given), attention of its (frozen)
+    queries over the condition tokens through the adapter.
 
-    def __init__(self, adapter: CrossAttnAdapter, context: dict) -> None:
+    The tokens arrive as ``cross_attention_kwargs`` (``condition_tokens``),
+    not through shared state: diffusers hands those kwargs to checkpointed
+    blocks, so the backward recomputation under gradient checkpointing sees
+    the same tokens as the forward. Self-attention layers get this processor
+    too (without an adapter) so that they accept, and ignore, the kwarg."""
+
+    def __init__(self, adapter: CrossAttnAdapter | None = None) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         self.inner = AttnProcessor2_0()
         self.adapter = adapter
-        self.context = context
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kw):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 condition_tokens: torch.Tensor | None = None, *args, **kw):
         out = self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        tokens = self.context.get("tokens")
-        if tokens is None:
+        if self.adapter is None or condition_tokens is None:
             return out
+        tokens = condition_tokens
         b, n, _ = hidden_states.shape
         heads = attn.heads
         q = attn.to_q(hidden_states)
@@ -481,18 +488,17 @@ class CrossAttnAdapterMethod(_DecoderUnlockMixin, ConditioningMethod):
             HintEncoder(conditioning_channels, tuple(conditioning_embedding_channels), lite_channels, vae_scale_factor(base)),
             nn.SiLU(), nn.Conv2d(lite_channels, lite_channels, 3, padding=1, stride=2),
         )
-        self.context: dict = {}
         adapters, procs = {}, {}
         modules = dict(self.unet.named_modules())
-        for name, proc in self.unet.attn_processors.items():
+        for name in self.unet.attn_processors:
             attn = modules[name[: -len(".processor")]]
             if name.endswith("attn2.processor"):  # cross-attention
                 inner = attn.to_q.out_features
                 key = name.replace(".", "_")
                 adapters[key] = CrossAttnAdapter(lite_channels, inner, attn.to_out[0].out_features)
-                procs[name] = _AdapterProcessor(adapters[key], self.context)
+                procs[name] = _AdapterProcessor(adapters[key])
             else:
-                procs[name] = proc
+                procs[name] = _AdapterProcessor()
         if not adapters:
             raise ValueError("the UNet has no cross-attention layers for the adapter")
         self.adapters = nn.ModuleDict(adapters)
@@ -509,11 +515,9 @@ class CrossAttnAdapterMethod(_DecoderUnlockMixin, ConditioningMethod):
         return feats.flatten(2).transpose(1, 2) + sincos_2d(h, w, c, feats.device, feats.dtype)[None]
 
     def forward(self, noisy_latents, timesteps, text_embeddings, conditioning):
-        self.context["tokens"] = self.tokens(conditioning.to(noisy_latents.dtype))
-        try:
-            return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings, return_dict=False)[0]
-        finally:
-            self.context.pop("tokens", None)
+        tokens = self.tokens(conditioning.to(noisy_latents.dtype))
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=text_embeddings,
+                         cross_attention_kwargs={"condition_tokens": tokens}, return_dict=False)[0]
 
     def param_groups(self, phase: str) -> list[dict]:
         params = list(self.encoder.parameters()) + list(self.adapters.parameters())

@@ -117,6 +117,28 @@ def encode_images(base: Base, pixel_values: torch.Tensor, generator: torch.Gener
     return dist.sample(generator) * vae.config.scaling_factor
 
 
+#: The scheduler ``prediction_type`` values the trainer implements.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(scheduler) -> str:
+    """The scheduler's ``prediction_type``; a :class:`UsageError` for one the
+    trainer does not implement (rather than silently training epsilon)."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        raise UsageError(f"the base's scheduler has prediction_type {kind!r}; training supports "
+                         f"{' and '.join(PREDICTION_TYPES)} only")
+    return kind
+
+
+def denoising_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict for ``add_noise(latents, noise, timesteps)``:
+    the noise (``epsilon``) or the velocity (``v_prediction``)."""
+    if check_prediction_type(scheduler) == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
 # --------------------------------------------------------------------------
 # conditioning methods
 

@@ -32,7 +32,16 @@ from schemas.errors import UsageError
 from training.cache import cached_inputs, empty_prompt_embedding, resolve_cached_latents
 from training.config import TrainConfig
 from training.data import DataState, SampleSpec, ShardStream, expand_shards, load_validation_samples, make_loader
-from training.models import Base, ConditioningMethod, build_method, encode_images, encode_prompts, load_base
+from training.models import (
+    Base,
+    ConditioningMethod,
+    build_method,
+    check_prediction_type,
+    denoising_target,
+    encode_images,
+    encode_prompts,
+    load_base,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +111,45 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict], device: torch.device) -
 
 
 class EMA:
-    """Exponential moving average of a list of parameters (fp32 copies)."""
+    """Exponential moving average of a list of parameters (fp32 copies).
+
+    With diffusers' warm-up: update ``n`` (0-based) uses the decay
+    ``min(decay, (1 + n) / (10 + n))``. Without it the initial weights fade
+    only as ``decay ** n`` (at 0.9999, 37% of the average after 10k updates
+    would still be the untrained, zero-initialised weights). ``updates`` is
+    saved in checkpoints so that a resumed average continues exactly."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
         self.params = list(params)
         self.decay = decay
+        self.updates = 0
         self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates
+        return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        weight = 1.0 - self.current_decay()
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
+        self.updates += 1
 
     @torch.no_grad()
     def copy_to_params(self) -> None:
         for s, p in zip(self.shadow, self.params):
             p.copy_(s.to(p.dtype))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> bool:
+    """``scaler.step`` then ``scaler.update``; False when the fp16 grad scaler
+    skipped the step (inf/NaN gradients), which it signals only by lowering
+    its scale."""
+    before = scaler.get_scale()  # 1.0 without a sync when the scaler is off
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() >= before
 
 
 @dataclass
@@ -164,7 +197,8 @@ def save_checkpoint(cfg, d: Dist, state: TrainState, method, optimizer, scaler, 
     if d.main:
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": state.step, "phase": state.phase, "world_size": d.world_size,
-                       "dataloader_num_workers": cfg.dataloader_num_workers, "method": cfg.method}, f)
+                       "dataloader_num_workers": cfg.dataloader_num_workers, "method": cfg.method,
+                       "ema_updates": ema.updates if ema is not None else 0}, f)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         if cfg.checkpoints_total_limit:
@@ -192,20 +226,50 @@ def find_resume(cfg: TrainConfig) -> str | None:
     return path
 
 
+def check_fresh_output_dir(cfg: TrainConfig, d: Dist) -> None:
+    """Before a fresh (non-resumed) run: refuse an ``--output-dir`` holding
+    another run's checkpoints, or delete them with ``--overwrite-output-dir``.
+
+    Mixed runs break the checkpoints: rotation keeps the highest step numbers
+    (deleting the new run's) and ``--resume-from-checkpoint latest`` would
+    pick the old run's."""
+    old = list_checkpoints(cfg.output_dir)
+    if not old:
+        return
+    if not cfg.overwrite_output_dir:
+        names = ", ".join(os.path.basename(p) for p in old)
+        raise UsageError(
+            f"--output-dir {cfg.output_dir} already holds checkpoints of an earlier run ({names}). "
+            "To continue that run pass --resume-from-checkpoint latest; to start a new one use another "
+            "(or an empty) --output-dir, or pass --overwrite-output-dir to delete those checkpoints"
+        )
+    d.barrier()  # every rank has looked before rank 0 deletes
+    if d.main:
+        log.warning("--overwrite-output-dir: deleting %d checkpoint(s) of an earlier run in %s", len(old), cfg.output_dir)
+        for path in old:
+            shutil.rmtree(path)
+    d.barrier()
+
+
 def read_checkpoint_state(path: str, cfg: TrainConfig, d: Dist) -> tuple[TrainState, dict]:
+    """The step, phase and this rank's data position of checkpoint ``path``;
+    also its RNG state (``rng``) and its ``state.json`` (``meta``)."""
     with open(os.path.join(path, "state.json")) as f:
         meta = json.load(f)
+    if meta.get("method", cfg.method) != cfg.method:  # checkpoints before the key existed are not checked
+        raise UsageError(f"checkpoint {path} was trained with --method {meta['method']}, not --method {cfg.method}")
     for key, now in (("world_size", d.world_size), ("dataloader_num_workers", cfg.dataloader_num_workers)):
         if meta[key] != now:
             log.warning("checkpoint was written with %s=%s, now %s: the data order will differ", key, meta[key], now)
     rank_file = os.path.join(path, f"rank-{d.rank}.pt")
     extra = torch.load(rank_file, map_location="cpu", weights_only=True) if os.path.exists(rank_file) else {}
     data = DataState.from_dict(json.loads(extra["data"])) if "data" in extra else DataState()
-    return TrainState(step=int(meta["step"]), phase=meta["phase"], data=data), extra
+    return TrainState(step=int(meta["step"]), phase=meta["phase"], data=data), {**extra, "meta": meta}
 
 
 def truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint we resume)."""
+    """Drop metric lines past ``step`` (written after the checkpoint we
+    resume; ``step`` -1 drops all of them, for a fresh run)."""
     if not os.path.exists(path):
         return
     with open(path) as f:
@@ -284,10 +348,14 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         # every step has the same shapes: let cuDNN time its convolution algorithms once
         torch.backends.cudnn.benchmark = True
     os.makedirs(cfg.output_dir, exist_ok=True)
+    resume = find_resume(cfg)
+    if not resume:
+        check_fresh_output_dir(cfg, d)
     torch.manual_seed(cfg.seed + d.rank)
 
     # Models. Frozen parts in the reduced precision; trained ones in fp32.
     base = load_base(cfg.base, cfg.base_config, cfg.base_original_config)
+    check_prediction_type(base.noise_scheduler)
     method = build_method(
         cfg.method, base, conditioning_channels=3 * len(cfg.condition), learning_rate=cfg.learning_rate,
         unlock_learning_rate=cfg.unlock_learning_rate, only_mid_control=cfg.only_mid_control,
@@ -328,12 +396,18 @@ def train(cfg: TrainConfig, callback=None) -> dict:
 
     # Resume: weights now, optimiser state once the optimiser exists.
     state, resume_extra = TrainState(), {}
-    resume = find_resume(cfg)
     if resume:
         from safetensors.torch import load_file
 
         state, resume_extra = read_checkpoint_state(resume, cfg, d)
-        missing = method.load_state_dict(load_file(os.path.join(resume, "trainable.safetensors")), strict=False)
+        weights = load_file(os.path.join(resume, "trainable.safetensors"))
+        # strict=False because frozen weights are not in checkpoints; every
+        # weight the phase trains must be, or it would silently restart.
+        absent = sorted(set(method.trainable_state_dict(state.phase)) - set(weights))
+        if absent:
+            raise UsageError(f"checkpoint {resume} lacks {len(absent)} weight(s) trained in the {state.phase} phase: "
+                             f"{absent[:3]} ...")
+        missing = method.load_state_dict(weights, strict=False)
         if missing.unexpected_keys:
             raise UsageError(f"checkpoint {resume} does not fit this model: {missing.unexpected_keys[:3]} ...")
         log.info("resuming from %s at step %d (%s)", resume, state.step, state.phase)
@@ -354,6 +428,8 @@ def train(cfg: TrainConfig, callback=None) -> dict:
 
             shadow = load_file(os.path.join(resume, "ema.safetensors"), device=str(device))
             ema.shadow = [shadow[str(i)] for i in range(len(ema.shadow))]
+            # Checkpoints written before the count was saved: one update per step.
+            ema.updates = int(resume_extra["meta"].get("ema_updates", state.step))
         if "rng" in resume_extra:
             torch.set_rng_state(resume_extra["rng"]["torch"])
             generator.set_state(resume_extra["rng"]["generator"])
@@ -386,7 +462,7 @@ def train(cfg: TrainConfig, callback=None) -> dict:
 
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     if d.main:
-        truncate_metrics(metrics_path, state.step)
+        truncate_metrics(metrics_path, state.step if resume else -1)
         with open(os.path.join(cfg.output_dir, "train_config.json"), "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
     writer = make_writer(cfg) if d.main else None
@@ -442,10 +518,7 @@ def train(cfg: TrainConfig, callback=None) -> dict:
             noise = torch.randn(latents.shape, generator=generator, device=device)
             t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, t)
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, t)
-            else:
-                target = noise
+            target = denoising_target(noise_scheduler, latents, noise, t)
             last_micro = micro == cfg.gradient_accumulation_steps - 1
             sync = contextlib.nullcontext() if last_micro or d.world_size == 1 else model.no_sync()
             with sync:
@@ -459,17 +532,19 @@ def train(cfg: TrainConfig, callback=None) -> dict:
         if cfg.max_grad_norm > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        stepped = optimizer_step(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
+        if ema is not None and stepped:  # a skipped fp16 step left the weights as they were
             ema.update()
         state.step += 1
 
         loss_avg = loss_sum / cfg.gradient_accumulation_steps
+        skipped = state.data.skipped
         if d.world_size > 1:
-            dist.all_reduce(loss_avg)
-            loss_avg /= d.world_size
+            # One collective for both: the mean loss and the total skipped samples of all ranks.
+            totals = torch.stack([loss_avg, torch.tensor(float(skipped), device=device)])
+            dist.all_reduce(totals)
+            loss_avg, skipped = totals[0] / d.world_size, int(totals[1].round())
         now = time.perf_counter()
         record = {
             "step": state.step,
@@ -477,7 +552,7 @@ def train(cfg: TrainConfig, callback=None) -> dict:
             "phase": state.phase,
             "trainable_params": sum(p.numel() for p in params),
             "images_per_s": global_batch / max(now - last, 1e-9),
-            "skipped_samples": state.data.skipped,
+            "skipped_samples": skipped,
             **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
         }
         if event:
