@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipelines.options import AnnotateOptions
     from pipelines.sources import Location
     from pipelines.stages import Candidate, decode_candidate
+    from schemas import content_key
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=512)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
             path = Path(tmp) / f"{w}x{h}.jpg"
             Image.fromarray(cv2.resize(photo, (w, h), interpolation=cv2.INTER_CUBIC)).save(path, quality=args.quality)
             header = probe_image(path.read_bytes())
-            cand = Candidate(path.name, str(path), Location(str(path)), "", None, header.width, header.height)
+            cand = Candidate(content_key(path.read_bytes()), str(path), Location(str(path)), "", None, header.width, header.height)
             row = {"photo": f"{w}x{h}", "megapixels": round(w * h / 1e6, 1)}
             samples = {}
             for label, reduced in (("full_ms", False), ("reduced_ms", True)):

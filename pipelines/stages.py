@@ -288,6 +288,11 @@ def decode_candidate(c: Candidate, opts: AnnotateOptions) -> Decoded | FailureRe
         data = read_location(c.location, opts.max_file_bytes)
     except Exception as exc:
         return FailureRecord.from_exception(c.source, "read", "read_error", exc, key=c.key)
+    if c.prior_meta is None and content_key(data) != c.key:
+        # the key names the bytes probed, deduplicated and planned: other
+        # bytes under it would break both the plan and duplicate removal
+        return FailureRecord(c.source, FAILED, "read", "changed_since_probe",
+                             "the file's content changed after it was probed; rerun to include it", key=c.key)
     reduced = None
     if opts.reduced_jpeg_decode and c.prior_meta is None:
         reduced = draft_size(c.width, c.height, opts.resolution, opts.crop)

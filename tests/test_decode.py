@@ -146,6 +146,7 @@ def test_reduced_decode_gives_nearly_the_same_sample(orientation, crop, size, tm
     from pipelines.options import AnnotateOptions
     from pipelines.sources import Location
     from pipelines.stages import Candidate, decode_candidate
+    from schemas import content_key
 
     from _images import exif_rotated_jpeg
 
@@ -156,7 +157,7 @@ def test_reduced_decode_gives_nearly_the_same_sample(orientation, crop, size, tm
     path = tmp_path / "big.jpg"
     path.write_bytes(data)
     header = probe_image(data)
-    cand = Candidate("k", str(path), Location(str(path)), "", None, header.width, header.height)
+    cand = Candidate(content_key(data), str(path), Location(str(path)), "", None, header.width, header.height)
     out = {}
     for reduced in (False, True):
         opts = AnnotateOptions(inputs=(str(path),), output=str(tmp_path / "o"), resolution=256, crop=crop,
@@ -214,3 +215,22 @@ def test_damaged_files_of_any_format_raise_only_decode_errors():
                 except DecodeError:
                     pass
     assert tried == 6 * 60 * 3
+
+
+def test_a_file_changed_after_probing_is_a_failure_not_a_sample_under_the_old_key(tmp_path):
+    from pipelines.options import AnnotateOptions
+    from pipelines.sources import Location
+    from pipelines.stages import Candidate, decode_candidate
+    from schemas import FailureRecord, content_key
+
+    path = tmp_path / "a.jpg"
+    data = jpeg_bytes(photo("coffee"))
+    path.write_bytes(data)
+    header = probe_image(data)
+    cand = Candidate(content_key(data), str(path), Location(str(path)), "", None, header.width, header.height)
+    opts = AnnotateOptions(inputs=(str(path),), output=str(tmp_path / "o"), resolution=128)
+    assert not isinstance(decode_candidate(cand, opts), FailureRecord)
+    path.write_bytes(jpeg_bytes(photo("chelsea")))  # replaced between probing and decoding
+    record = decode_candidate(cand, opts)
+    assert isinstance(record, FailureRecord) and record.reason == "changed_since_probe"
+    assert record.key == cand.key
