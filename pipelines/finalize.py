@@ -17,7 +17,7 @@ FILTERED_FILE = "filtered.parquet"
 
 
 def _sorted_records(records: Sequence[FailureRecord]) -> list[FailureRecord]:
-    return sorted(records, key=lambda r: (r.source, r.stage, r.reason, r.message))
+    return sorted(records, key=FailureRecord.sort_key)
 
 
 def remove_stale(fs, root: str, prefix: str, num_shards: int) -> list[str]:

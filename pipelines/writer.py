@@ -115,7 +115,7 @@ class ShardWriter:
         except BaseException:
             self.abort()
             raise
-        failures = sorted(self.failures, key=lambda r: (r.source, r.stage, r.reason))
+        failures = sorted(self.failures, key=FailureRecord.sort_key)
         failures_path = posixpath.join(self.root, f"{self.name}.failures.parquet")
         if failures:
             atomic_write_table(self.fs, failures_path, records_table(failures))

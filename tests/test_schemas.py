@@ -99,3 +99,11 @@ def test_local_commits_reach_the_disk_before_the_name(tmp_path, monkeypatch):
     if isinstance(synced[0], str):
         assert ".stats.json.tmp-" in synced[0] and synced[1] == str(tmp_path)
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_failure_records_have_a_total_order():
+    from schemas import FAILED, FailureRecord
+
+    a = FailureRecord("same.tar", FAILED, "read", "bad_tar_sample", "same message", key="k2")
+    b = FailureRecord("same.tar", FAILED, "read", "bad_tar_sample", "same message", key="k1")
+    assert sorted([a, b], key=FailureRecord.sort_key) == sorted([b, a], key=FailureRecord.sort_key) == [b, a]
