@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
         for w, h in SIZES:
             path = Path(tmp) / f"{w}x{h}.jpg"
             Image.fromarray(cv2.resize(photo, (w, h), interpolation=cv2.INTER_CUBIC)).save(path, quality=args.quality)
-            header = probe_image(path.read_bytes())
-            cand = Candidate(content_key(path.read_bytes()), str(path), Location(str(path)), "", None, header.width, header.height)
+            data = path.read_bytes()
+            header = probe_image(data)
+            cand = Candidate(content_key(data), str(path), Location(str(path)), "", None, header.width, header.height)
             row = {"photo": f"{w}x{h}", "megapixels": round(w * h / 1e6, 1)}
             samples = {}
             for label, reduced in (("full_ms", False), ("reduced_ms", True)):
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["max_abs_diff"] = int(diff.max())
             # against the full decode cropped to the box the reduced sample
             # records: DCT scaling alone
-            rgb, _ = decode_rgb(path.read_bytes())
+            rgb, _ = decode_rgb(data)
             same = apply_geometry(rgb, fast.crop_box, (fast.image.shape[1], fast.image.shape[0]))
             row["mean_abs_diff_same_box"] = round(float(np.abs(same.astype(int) - fast.image.astype(int)).mean()), 3)
             row["crop_box_shift_px"] = max(abs(a - b) for a, b in zip(full.crop_box, fast.crop_box))

@@ -61,17 +61,15 @@ def models_tag(opts: AnnotateOptions) -> str:
 
 class ProbeFn(beam.DoFn):
     """Reads each input's bytes and header (no pixels). Its setup also starts
-    loading the annotators in the background when ``preload`` is set, so
-    model loading overlaps the planning stages instead of following them."""
+    loading the annotators in the background, so model loading overlaps the
+    planning stages instead of following them."""
 
-    def __init__(self, opts: AnnotateOptions, preload: bool = False) -> None:
+    def __init__(self, opts: AnnotateOptions) -> None:
         self.opts = opts
-        self.preload = preload
         self.inputs = _counter("inputs")
 
     def setup(self) -> None:
-        if self.preload:
-            preload_annotators(self.opts)
+        preload_annotators(self.opts)
 
     def process(self, ref: InputRef) -> Iterable:
         for result in probe_input(ref, self.opts):
@@ -521,15 +519,13 @@ def _finalize(_, opts: AnnotateOptions, inputs: int, boundaries: list[str],
 
 
 def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef],
-                   fingerprint: dict, run_info: dict, preload: bool = True) -> beam.PCollection:
-    """Add the annotate stages to ``p``; returns the one-element stats PCollection.
-
-    ``preload``: workers start loading the annotators while they probe inputs."""
+                   fingerprint: dict, run_info: dict) -> beam.PCollection:
+    """Add the annotate stages to ``p``; returns the one-element stats PCollection."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     probed = (
         p
         | "Inputs" >> beam.Create(refs, reshuffle=True)
-        | "Probe" >> beam.ParDo(ProbeFn(opts, preload=preload)).with_outputs("records", main="ok")
+        | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
     )
     inputs = probed.ok | "CountOk" >> beam.combiners.Count.Globally()
     early_failed = probed.records | "CountRecords" >> beam.combiners.Count.Globally()

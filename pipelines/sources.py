@@ -91,7 +91,7 @@ def _classify(sources: list[str]) -> list[InputRef]:
             refs.append(InputRef(source, "skipped", note="caption file without an image of the same name"))
         elif ext not in IMAGE_EXTENSIONS + TAR_EXTENSIONS + (CAPTION_EXTENSION,):
             refs.append(InputRef(source, "skipped", note=f"not an image or tar file (extension {ext or 'none'!r})"))
-    return sorted(refs, key=lambda r: r.source)
+    return refs
 
 
 def _expand_local(given: str, unreadable: list[OSError]) -> list[str]:

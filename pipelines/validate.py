@@ -91,8 +91,9 @@ def validate_dataset(dataset: str) -> ValidationReport:
                 report.problems.append(f"{name}: manifest lists a key more than once")
             recorded = (table.schema.metadata or {}).get(TAR_BYTES_META)
             tar_path = posixpath.join(root, f"{name}.tar")
-            if recorded is not None and fs.exists(tar_path) and int(recorded) != fs.size(tar_path):
-                report.problems.append(f"{name}.tar: {fs.size(tar_path)} bytes, the manifest says {int(recorded)}")
+            actual = fs.size(tar_path) if recorded is not None and fs.exists(tar_path) else None
+            if actual is not None and actual != int(recorded):
+                report.problems.append(f"{name}.tar: {actual} bytes, the manifest says {int(recorded)}")
         else:
             report.problems.append(f"{name}: manifest {name}.parquet missing")
         keys = []

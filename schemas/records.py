@@ -115,12 +115,6 @@ class ManifestRow:
     def to_row(self) -> dict:
         return asdict(self)
 
-    def sort_key(self) -> tuple:
-        """Every field, for a total order: record files list their rows in
-        the same order on every run, whatever order workers produced them."""
-        return (self.source, self.stage, self.reason, self.message, self.key or "", self.error_type or "",
-                self.kind)
-
 
 def records_table(records: list[FailureRecord]) -> pa.Table:
     """Arrow table of failure/filter records with :data:`FAILURE_SCHEMA`."""
