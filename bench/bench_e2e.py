@@ -129,6 +129,22 @@ def commit_times(out: Path, start: float) -> list[float]:
     return [round(t.stat().st_mtime - start, 1) for t in sorted(out.glob("*.tar"), key=lambda p: p.stat().st_mtime)]
 
 
+def read_timeline(path: Path, start: float) -> list[dict]:
+    """The run's trace events, times in seconds from ``start``, in time order;
+    processes numbered 0, 1, ... in order of their first event."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["t"])
+    procs: dict[int, int] = {}
+    out = []
+    for r in rows:
+        r["proc"] = procs.setdefault(r.pop("pid"), len(procs))
+        r["t"] = round(r["t"] - start, 2)
+        out.append(r)
+    return out
+
+
 def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
     """Images/s of the reference annotators run one image at a time."""
     import torch
@@ -223,6 +239,10 @@ def main(argv=None) -> dict:
         import faulthandler
 
         faulthandler.dump_traceback_later(args.dump_stacks, repeat=False)
+    # every process of the run appends its timeline events here (pipelines.beam.trace)
+    trace_file = work / "trace.jsonl"
+    trace_file.unlink(missing_ok=True)
+    os.environ["CONTROLSET_TRACE"] = str(trace_file)
     with GpuSampler() as gpu:
         start_epoch = time.time()
         t0 = time.perf_counter()
@@ -235,6 +255,10 @@ def main(argv=None) -> dict:
     # model loading, summed over worker processes (they load side by side)
     loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
     commits = commit_times(work / "out", start_epoch)
+    timeline = read_timeline(trace_file, start_epoch)
+    print("timeline (seconds from the start of the run):", flush=True)
+    for row in timeline:
+        print("  " + json.dumps(row), flush=True)
     total_ms = sum(ms.values()) or 1
     partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
                "steady_images_per_s": steady,
@@ -275,6 +299,8 @@ def main(argv=None) -> dict:
         "load_seconds": loading,
         # seconds from the start of the run to each shard's commit
         "commit_seconds": commits,
+        # every process's events (start-up, loading, shards), seconds from the run's start
+        "timeline": timeline,
         "reference_chain_images_per_s": round(ref_rate, 3),
         "reference_images": len(ref_images),
         "speedup_vs_reference_chain": round(stats["written"] / wall / ref_rate, 1),

@@ -54,6 +54,29 @@ def _counter(name: str):
     return Metrics.counter(NS, name)
 
 
+#: Environment variable naming a file that each process appends timeline
+#: events to (JSON lines: wall time, process, thread, event). For diagnosing
+#: where a run's start-up time goes across worker processes; off by default.
+TRACE_ENV = "CONTROLSET_TRACE"
+
+
+def trace(event: str, **fields: Any) -> None:
+    """Append one timeline event to ``$CONTROLSET_TRACE`` when it is set."""
+    import os
+
+    path = os.environ.get(TRACE_ENV)
+    if not path:
+        return
+    row = {"t": round(time.time(), 4), "pid": os.getpid(), "thread": threading.current_thread().name,
+           "event": event, **fields}
+    # one write per line with O_APPEND: lines of several processes do not interleave
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(row, default=str) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def models_tag(opts: AnnotateOptions) -> str:
     """The key under which a worker process shares its loaded annotators."""
     return json.dumps(opts.annotators, sort_keys=True, default=str)
@@ -69,6 +92,7 @@ class ProbeFn(beam.DoFn):
         self.inputs = _counter("inputs")
 
     def setup(self) -> None:
+        trace("probe_setup")
         preload_annotators(self.opts)
 
     def process(self, ref: InputRef) -> Iterable:
@@ -155,7 +179,9 @@ class ShardFn(beam.DoFn):
     def setup(self) -> None:
         from pipelines.options import parse_gate
 
+        trace("shard_setup")
         self.models = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
+        trace("shard_setup_models")
         self.annotators = self.models.annotators
         self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
         self.batch = beam_batch_size(self.opts)
@@ -165,6 +191,7 @@ class ShardFn(beam.DoFn):
 
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
         index, digest, cands = item
+        trace("shard_start", shard=index, samples=len(cands))
         self._report_loading()
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
@@ -187,6 +214,8 @@ class ShardFn(beam.DoFn):
                 t1 = time.perf_counter()
                 staged = self._annotate(decoded, name, io)
                 t2 = time.perf_counter()
+                if k == 0:
+                    trace("first_batch_annotated", shard=index, seconds=round(t2 - t1, 3))
                 if encoding is not None:
                     self._write(*encoding, writer)
                 encoding = (staged, len(batch))
@@ -203,6 +232,7 @@ class ShardFn(beam.DoFn):
             writer.abort()
             raise
         summary = writer.commit(digest)
+        trace("shard_commit", shard=index, written=summary.written)
         self.written.inc(summary.written)
         self.shards.inc()
         yield summary
@@ -272,6 +302,7 @@ class LoadedAnnotators:
         from concurrent.futures import ThreadPoolExecutor
 
         started = time.perf_counter()
+        trace("load_start")
         gpu_index = claim_gpu(opts) if opts.gpus else None
         self.annotators = []
         for name, options in opts.annotators:
@@ -287,6 +318,7 @@ class LoadedAnnotators:
             t0 = time.perf_counter()
             a.setup()
             self.load_ms[a.name] = int((time.perf_counter() - t0) * 1000)
+            trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000)
         slow = sorted(self.load_ms.items(), key=lambda kv: -kv[1])
         log.info("process %d%s: annotators loaded in %.1f s (%s)", os.getpid(),
                  "" if gpu_index is None else f" (GPU {gpu_index})", time.perf_counter() - started,
@@ -513,6 +545,7 @@ class Progress:
 def _finalize(_, opts: AnnotateOptions, inputs: int, boundaries: list[str],
               records: list[FailureRecord], summaries: list[ShardSummary],
               run_info: dict) -> dict:
+    trace("finalize")
     fs, root = url_to_fs(opts.output)
     return finalize(fs, root, prefix=opts.prefix, inputs=inputs, num_shards=len(boundaries),
                     early_records=records, summaries=summaries, run_info=run_info)

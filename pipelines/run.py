@@ -15,7 +15,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from annotators import create_annotator
-from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options
+from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options, trace
 from pipelines.finalize import STATS_FILE
 from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
@@ -45,6 +45,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     annotator, unwritable output) before any work starts. Bad input files
     never raise: they become failure or filter records.
     """
+    trace("run_start")
     if not opts.annotators:
         raise UsageError("no annotators selected")
     names = [n for n, _ in opts.annotators]
@@ -78,9 +79,11 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         opts = replace(opts, cpu_threads=default_threads(workers))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(p, opts, refs, fingerprint, run_info)
+    trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
     try:
         result = p.run()
         result.wait_until_finish()
+        trace("pipeline_done")
     finally:
         discard_preloads(opts.run_id)
         if opts.gpus:
