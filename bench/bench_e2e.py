@@ -56,18 +56,28 @@ def build_models(folder: Path, tiny: bool, beams: int = 3) -> dict[str, dict]:
 
 
 def write_inputs(folder: Path, count: int, side: int) -> None:
+    """``count`` JPEGs of real photos, each made distinct by a seeded 4x4
+    patch; written on a thread pool (resizing and JPEG encoding release the
+    GIL), so large runs do not spend minutes on set-up."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
     from skimage import data
 
-    base = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()]
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        im = base[i % len(base)][..., :3]
+    base = []
+    for im in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry()):
+        im = im[..., :3]
         k = side / min(im.shape[:2])
-        im = cv2.resize(im, (round(im.shape[1] * k), round(im.shape[0] * k)), interpolation=cv2.INTER_AREA)
-        im[:4, :4] = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)  # distinct content keys
+        base.append(cv2.resize(im, (round(im.shape[1] * k), round(im.shape[0] * k)), interpolation=cv2.INTER_AREA))
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(i: int) -> None:
+        im = base[i % len(base)].copy()
+        im[:4, :4] = np.random.default_rng(i).integers(0, 255, (4, 4, 3), dtype=np.uint8)  # distinct content keys
         Image.fromarray(im).save(folder / f"img{i:05d}.jpg", quality=92)
+
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(count)))
 
 
 class GpuSampler:
@@ -146,7 +156,10 @@ def read_timeline(path: Path, start: float) -> list[dict]:
 
 
 def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
-    """Images/s of the reference annotators run one image at a time."""
+    """Images/s of the reference annotators run one image at a time (NaN
+    for no images: ``--reference-images 0`` skips the reference)."""
+    if not images:
+        return float("nan")
     import torch
     from bench_hf_annotators import reference_runner
     from bench_neural_annotators import reference_detector
