@@ -224,12 +224,30 @@ class DepthModel:
     def _eager_forward(self, pixels: "torch.Tensor") -> "torch.Tensor":
         return self.net(pixel_values=pixels).predicted_depth
 
+    #: Elements a tensor of the head may hold: CUDA's NHWC bilinear
+    #: upsampling refuses outputs of INT_MAX elements or more (DPT at 384 px:
+    #: more than 113 images in one pass).
+    MAX_ELEMENTS = 2**31 - 1
+
+    def max_pass(self, height: int, width: int) -> int:
+        """Most images one forward pass takes at this input size: the head
+        upsamples ``fusion_hidden_size / 2`` channels to the full input size."""
+        channels = max(1, int(getattr(self.net.config, "fusion_hidden_size", 256)) // 2)
+        return max(1, self.MAX_ELEMENTS // (channels * height * width))
+
     def forward(self, pixels: "torch.Tensor", graphs: bool = False) -> "torch.Tensor":
         """B x 3 x h x w model input -> B x h' x w' raw predictions (float32);
-        ``graphs``: replay CUDA graphs of the forward pass (on a GPU)."""
+        ``graphs``: replay CUDA graphs of the forward pass (on a GPU). A batch
+        too large for one pass (``max_pass``) runs as several."""
+        import torch
+
         from annotators._torch import forward_runner
 
-        return forward_runner(self, self._eager_forward, graphs, "depth model")(pixels).float()
+        run = forward_runner(self, self._eager_forward, graphs, "depth model")
+        limit = self.max_pass(*pixels.shape[-2:])
+        if pixels.shape[0] <= limit:
+            return run(pixels).float()
+        return torch.cat([run(part).float() for part in pixels.split(limit)])
 
     @staticmethod
     def _ident(images: Sequence[np.ndarray], keys: Sequence[str]) -> tuple:

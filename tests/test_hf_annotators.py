@@ -696,6 +696,30 @@ def test_compile_falls_back_to_eager_with_a_warning(models, images, caplog):
     torch._dynamo.reset()
 
 
+def test_depth_forward_splits_a_batch_too_large_for_one_pass(models, images):
+    """More images than one pass takes (CUDA's NHWC upsampling refuses
+    tensors of INT_MAX elements) run as several passes with the same
+    predictions."""
+    from annotators.depth import DepthModel
+
+    cpu = torch.device("cpu")
+    m = DepthModel(models["dpt"], cpu, torch.float32)
+    side = m.net.config.image_size
+    pixels = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = m.forward(pixels)
+        channels = m.net.config.fusion_hidden_size // 2
+        assert m.max_pass(side, side) == (2**31 - 1) // (channels * side * side)
+        m.MAX_ELEMENTS = channels * side * side * 2 - 1  # room for one image a pass
+        assert m.max_pass(side, side) == 1
+        calls = []
+        eager = m._eager_forward
+        m._eager_forward = lambda p: (calls.append(p.shape[0]), eager(p))[1]
+        parts = m.forward(pixels)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_depth_forward_equals_eager(models, images):
     """The padded, compiled forward (dynamo graph, no code generation) gives
     eager's predictions: three images run as a padded batch of four."""
