@@ -74,6 +74,12 @@ FACE_WINDOW = 384
 DRAW_EPS = 0.01
 #: Images per body pass on CUDA, at least (see :meth:`OpenPose.forward`).
 MIN_GPU_BATCH = 24
+
+
+def _body_bucket(n: int) -> int:
+    """Batch size a graphed body pass runs at: 2 to 23 images padded to
+    ``MIN_GPU_BATCH`` (see :meth:`OpenPose.forward`), others as they are."""
+    return MIN_GPU_BATCH if 1 < n < MIN_GPU_BATCH else n
 #: Default pipeline chunk on CUDA: a 64-image batch runs as 48 + 16 (padded
 #: to 24), the sizes the body network runs fastest at.
 GPU_CHUNK = 48
@@ -641,6 +647,25 @@ class OpenPose(Annotator):
                                       "OpenPose body network", exact_shapes=True)
             return paf[:n], heat[:n]
 
+    def _body_stage(self, dsize: tuple[int, int]) -> Any:
+        """uint8 (N, 3, H, W) device batch -> (PAFs, part maps, row-blurred
+        part maps, bounds): the device work of a chunk from pre-processing to
+        the peak bounds as one function, captured as one CUDA graph per batch
+        shape. Its dozens of small kernels around the network then cost the
+        host one replay instead of a launch each. One function per detection
+        size (kept, so that its graphs are found again)."""
+        stages = self.__dict__.setdefault("_body_stages", {})
+        if dsize not in stages:
+            geo = self.geometry(*dsize)
+
+            def stage(batch: Any) -> tuple[Any, Any, Any, Any]:
+                x = body_input(W.resize_batch(batch.float(), dsize), geo)
+                paf, heat = self._body(W.to_input(x, self._device, self._dtype))
+                return (paf, *peak_bounds(heat, geo))
+
+            stages[dsize] = stage
+        return stages[dsize]
+
     def launch_bodies(self, images: Sequence[np.ndarray], dsize: tuple[int, int]) -> dict[str, Any]:
         """Queue the body pass of one chunk of same-size RGB images on the
         device and return a handle for :meth:`finish_bodies`; nothing here
@@ -650,9 +675,15 @@ class OpenPose(Annotator):
         geo = self.geometry(*dsize)
         with torch.inference_mode():
             batch = W.images_to_device(images, self._device)
-            x = W.resize_batch(batch.float(), dsize)
-            paf, heat = self.forward(body_input(x, geo))
-            heat, z, bound = peak_bounds(heat, geo)
+            if self._options["cuda_graphs"] and batch.device.type == "cuda":
+                from annotators._torch import graphed
+
+                stage = graphed(self, self._body_stage(dsize), "OpenPose body stage", bucket=_body_bucket)
+                paf, heat, z, bound = stage(batch)
+            else:
+                x = W.resize_batch(batch.float(), dsize)
+                paf, heat = self.forward(body_input(x, geo))
+                heat, z, bound = peak_bounds(heat, geo)
             ready = None
             if self._device.type == "cuda":
                 ready = torch.cuda.Event()

@@ -571,6 +571,13 @@ def test_cuda_graphs_match_eager_on_gpu(name, weights_dir):
             x = torch.rand((3, 3, 96, 128), device="cuda") - 0.5
             for a, b in zip(eager.forward(x), graphs.forward(x)):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            # the body stage (pre-processing to peak bounds) as one graph
+            dsize = eager.detect_size(*images[0].shape[:2])
+            e, g = eager.launch_bodies(images, dsize), graphs.launch_bodies(images, dsize)
+            for key in ("paf", "heat", "z"):
+                torch.testing.assert_close(g[key], e[key], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(g["bound"].arrays()["bound"], e["bound"].arrays()["bound"],
+                                       rtol=1e-4, atol=1e-4)
         want = eager.annotate_batch(images)
         for _ in range(2):  # the second replay overwrites the first's buffers
             got = graphs.annotate_batch(images)
