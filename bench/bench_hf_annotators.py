@@ -291,8 +291,15 @@ def bare_forwards(kind: str, folder: str, device: str, images, iters: int, warmu
     model = cls.from_pretrained(folder).to(device, torch.bfloat16).eval()
     pixels = proc(images=list(images), return_tensors="pt")["pixel_values"].to(device, torch.bfloat16)
     b = len(images)
-    rows = {f"transformers_forward_bf16_batch{b}": time_forward(lambda x: model(pixel_values=x), pixels,
-                                                                 iters, warmup, device)}
+    try:
+        rows = {f"transformers_forward_bf16_batch{b}": time_forward(lambda x: model(pixel_values=x), pixels,
+                                                                     iters, warmup, device)}
+    except RuntimeError as exc:
+        # e.g. DPT over 113 images at once: CUDA's NHWC upsampling refuses
+        # tensors of INT_MAX elements (the annotator splits such batches)
+        rows = {f"transformers_forward_bf16_batch{b}": {"error": str(exc).splitlines()[0]}}
+        del model
+        return rows
     if getattr(model, "auxiliary_head", None) is not None:
         model.auxiliary_head = None
         rows[f"transformers_forward_bf16_batch{b}_no_aux_head"] = time_forward(
@@ -530,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows[f"transformers_bf16_batch{batch}"] = time_reference(
                         run, images, ref_iters, warmup, device, batch)
                 headline = rows[f"ours_bf16_batch{batch}"]
-                fwd = rows[f"transformers_forward_bf16_batch{batch}"]["images_per_s"]
+                fwd = rows[f"transformers_forward_bf16_batch{batch}"].get("images_per_s", float("nan"))
                 own = rows[f"ours_forward_bf16_batch{batch}"]["images_per_s"]
                 rows["ours_over_transformers_forward"] = round(headline["images_per_s"] / fwd, 3)
                 rows["ours_over_own_forward"] = round(headline["images_per_s"] / own, 3)

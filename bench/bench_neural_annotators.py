@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "openpose" and not args.no_detections:
                 geo = ann.geometry(args.size, args.size)
                 ann._body = _WithDetections(ann._body, geo, ann._device, ann._dtype)
+                # graphs captured so far replay the plain network: capture anew
+                ann.__dict__.pop("_graphed_forwards", None)
+                ann.__dict__.pop("_body_stages", None)
                 rate, seen = ours_rate(ann, images, args.batch_size)
                 detections = {
                     "ours_with_detections_img_s": round(rate, 2),
