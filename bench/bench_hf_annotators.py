@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             if f"ours_bf16_batch{batch}_compiled" in rows:
                 line += f", {rows[f'ours_bf16_batch{batch}_compiled']['images_per_s']} compiled"
             if f"transformers_forward_bf16_batch{batch}" in rows:
-                line += f"; bare transformers forward {rows[f'transformers_forward_bf16_batch{batch}']['images_per_s']}"
+                line += f"; bare transformers forward {rows[f'transformers_forward_bf16_batch{batch}'].get('images_per_s', 'failed')}"
             if rows["speedup_vs_transformers_batch1_fp32"] is not None:
                 line += f" ({rows['speedup_vs_transformers_batch1_fp32']}x transformers batch-1 fp32)"
             print(line, file=sys.stderr)
