@@ -81,37 +81,40 @@ def write_inputs(folder: Path, count: int, side: int) -> None:
 
 
 class GpuSampler:
-    """Samples GPU utilisation with nvidia-smi while a run is in progress."""
+    """Samples each GPU's utilisation with nvidia-smi while a run is in
+    progress (every 0.5 s), reported per GPU index: a run on one GPU of a
+    host with several must not be averaged with the idle ones."""
 
     def __init__(self) -> None:
-        self.samples: list[list[int]] = []
+        self.samples: dict[int, list[int]] = {}
         self.proc = None
 
     def __enter__(self):
         if shutil.which("nvidia-smi"):
             self.proc = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
+                ["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits", "-lms", "500"],
                 stdout=subprocess.PIPE, text=True)
             self.thread = threading.Thread(target=self._read, daemon=True)
             self.thread.start()
         return self
 
     def _read(self) -> None:
-        row: list[int] = []
         for line in self.proc.stdout:
             try:
-                row.append(int(line.strip()))
+                index, util = (int(v) for v in line.split(","))
             except ValueError:
                 continue
-            self.samples.append([row[-1]])
+            self.samples.setdefault(index, []).append(util)
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
 
     def summary(self) -> dict:
-        vals = [s[0] for s in self.samples]
-        return {"mean_util_percent": round(float(np.mean(vals)), 1), "samples": len(vals)} if vals else {}
+        if not self.samples:
+            return {}
+        per_gpu = {i: round(float(np.mean(v)), 1) for i, v in sorted(self.samples.items())}
+        return {"mean_util_percent_per_gpu": per_gpu, "samples_per_gpu": len(next(iter(self.samples.values())))}
 
 
 def steady_rate(out: Path, workers: int = 1) -> float | None:

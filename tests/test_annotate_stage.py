@@ -390,6 +390,30 @@ def test_loading_time_is_counted_per_annotator(photos_dir, tmp_path, capsys):
     assert "loading (s)" in out and "shard threads: annotating" in out
 
 
+def test_trace_writes_the_runs_timeline(photos_dir, tmp_path, monkeypatch):
+    """CONTROLSET_TRACE: every step of the run in order, one event per shard
+    started and committed, loading per annotator; unset, nothing is written."""
+    import json
+
+    trace = tmp_path / "trace.jsonl"
+    stats = annotate([photos_dir], tmp_path / "quiet", shard_size=3)
+    assert not trace.exists()
+    monkeypatch.setenv("CONTROLSET_TRACE", str(trace))
+    stats = annotate([photos_dir], tmp_path / "o", shard_size=3, annotators=(("canny", {}), ("hough", {})))
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    events = [r["event"] for r in rows]
+    for first, then in [("run_start", "pipeline_start"), ("pipeline_start", "probe_setup"),
+                        ("probe_setup", "shard_setup"), ("shard_setup", "shard_start"),
+                        ("shard_start", "shard_commit"), ("shard_commit", "finalize"),
+                        ("finalize", "pipeline_done")]:
+        assert events.index(first) < events.index(then), (first, then)
+    assert sorted(r["annotator"] for r in rows if r["event"] == "loaded") == ["canny", "hough"]
+    commits = [r for r in rows if r["event"] == "shard_commit"]
+    assert len(commits) == stats["shards"] == len([e for e in events if e == "shard_start"])
+    assert sum(r["written"] for r in commits) == stats["written"]
+    assert all(isinstance(r["t"], float) and r["pid"] == rows[0]["pid"] for r in rows)  # one process
+
+
 def test_tampered_controlset_metadata_costs_only_its_sample(photos_dir, tmp_path):
     import io
     import tarfile
