@@ -90,6 +90,7 @@ class ProbeFn(beam.DoFn):
     def __init__(self, opts: AnnotateOptions) -> None:
         self.opts = opts
         self.inputs = _counter("inputs")
+        self.caption_notes = _counter("caption_notes")
 
     def setup(self) -> None:
         trace("probe_setup")
@@ -101,6 +102,8 @@ class ProbeFn(beam.DoFn):
             if isinstance(result, FailureRecord):
                 yield beam.pvalue.TaggedOutput("records", result)
             else:
+                if result.caption_note:
+                    self.caption_notes.inc()
                 yield result
 
 

@@ -168,6 +168,9 @@ def print_summary(stats: dict[str, Any], output: str) -> None:
     line = ", ".join(f"{label} {counters[k]}" for k, label in stages if counters.get(k))
     if line:
         print(f"  stages: {line}")
+    if counters.get("caption_notes"):
+        print(f"  captions: {counters['caption_notes']} input caption(s) not used as given "
+              "(too large, unreadable or not UTF-8; see caption_note in the samples' json)")
     skipped = counters.get("shards_skipped", 0)
     note = f", {skipped} already complete and kept" if skipped else ""
     print(f"  {stats['shards']} shard(s){note} in {output} (stats.json, failures.parquet, filtered.parquet)")

@@ -60,6 +60,9 @@ class Candidate:
     prior_members: tuple[tuple[str, Location], ...] = ()
     #: 64-bit perceptual hash, when near-duplicate removal is on.
     phash: int | None = None
+    #: What went wrong with the input's caption, if anything (the image is
+    #: still used): kept in the sample's metadata as ``caption_note``.
+    caption_note: str | None = None
 
 
 @dataclass
@@ -102,7 +105,7 @@ def _filter(c: Candidate, opts: AnnotateOptions) -> FailureRecord | None:
 
 def _candidate(
     source: str, location: Location, data: bytes, caption: str, caption_source: str | None,
-    opts: AnnotateOptions,
+    opts: AnnotateOptions, caption_note: str | None = None,
 ) -> Candidate | FailureRecord:
     key = content_key(data)
     try:
@@ -118,16 +121,35 @@ def _candidate(
             return FailureRecord(source, FAILED, "decode", exc.reason, str(exc), key=key,
                                  error_type="DecodeError")
     cand = Candidate(key, printable(source), location, caption, caption_source, header.width, header.height,
-                     phash=phash)
+                     phash=phash, caption_note=caption_note)
     return _filter(cand, opts) or cand
 
 
-def _read_caption(url: str) -> str | None:
+#: Largest caption file (or tar member) read; a larger one is not used.
+MAX_CAPTION_BYTES = 1 << 20
+
+
+def read_caption(read: Any, where: str) -> tuple[str | None, str | None]:
+    """``(caption, note)`` from ``read(limit) -> bytes``: a caption that cannot
+    be used as it is costs only itself, never the image, and says why in
+    ``note`` (kept in the sample's metadata): too large or unreadable -> no
+    caption; not UTF-8 -> undecodable bytes replaced with U+FFFD."""
     try:
-        return read_bytes(url, 1 << 20).decode("utf-8", errors="replace").strip()
-    except Exception as exc:  # a broken caption file should not cost the image
-        log.warning("cannot read caption %s: %s", url, exc)
-        return None
+        data = read(MAX_CAPTION_BYTES)
+    except FileTooLargeError:
+        note = f"caption larger than {MAX_CAPTION_BYTES} bytes: not used"
+    except Exception as exc:
+        note = f"caption unreadable: {type(exc).__name__}: {exc}"
+    else:
+        try:
+            return data.decode("utf-8").strip(), None
+        except UnicodeDecodeError as exc:
+            note = f"caption is not UTF-8 (byte {exc.start}): undecodable bytes replaced with U+FFFD"
+            caption = data.decode("utf-8", errors="replace").strip()
+            log.warning("%s: %s", printable(where), note)
+            return caption, note
+    log.warning("%s: %s", printable(where), note)
+    return None, note
 
 
 def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
@@ -148,9 +170,10 @@ def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | Fa
     except Exception as exc:
         yield FailureRecord.from_exception(ref.source, "read", "read_error", exc)
         return
-    caption = _read_caption(ref.caption) if ref.caption else None
+    caption, note = read_caption(lambda limit: read_bytes(ref.caption, limit), ref.caption) if ref.caption \
+        else (None, None)
     yield _candidate(ref.source, Location(ref.source), data, caption or "",
-                     "sidecar" if caption is not None else None, opts)
+                     "sidecar" if caption is not None else None, opts, note)
 
 
 def _probe_tar(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
@@ -186,13 +209,14 @@ def _probe_tar_sample(source: str, sample, opts: AnnotateOptions) -> Candidate |
             return prior
     try:
         data = read_location(loc, opts.max_file_bytes)
-        caption = None
-        if "txt" in sample.members:
-            caption = read_location(sample.members["txt"], 1 << 20).decode("utf-8", errors="replace").strip()
     except Exception as exc:
         reason = "file_too_large" if isinstance(exc, FileTooLargeError) else "read_error"
         return FailureRecord.from_exception(source, "read", reason, exc)
-    return _candidate(source, loc, data, caption or "", "tar" if caption is not None else None, opts)
+    caption, note = None, None
+    if "txt" in sample.members:
+        txt = sample.members["txt"]
+        caption, note = read_caption(lambda limit: read_location(txt, limit), f"{source}.txt")
+    return _candidate(source, loc, data, caption or "", "tar" if caption is not None else None, opts, note)
 
 
 def _controlset_sample(source: str, sample, loc: Location) -> Candidate | FailureRecord | None:
@@ -544,7 +568,8 @@ def encode_sample(
             crop=opts.crop,
             caption_source=caption_source,
             annotators=ann_meta,
-            extra={"frames": decoded.frames} if decoded.frames > 1 else None,
+            extra={**({"frames": decoded.frames} if decoded.frames > 1 else {}),
+                   **({"caption_note": c.caption_note} if c.caption_note else {})} or None,
         )
         members["txt"] = caption.encode("utf-8")
         members["json"] = encode_member("json", meta)

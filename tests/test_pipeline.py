@@ -201,6 +201,53 @@ def test_tar_input_with_captions_and_unsafe_members(tmp_path):
     assert not (tmp_path / "escape.jpg").exists()
 
 
+def test_bad_captions_cost_only_themselves_and_are_noted(tmp_path, capsys):
+    """A caption that is not UTF-8, too large or unreadable never costs its
+    image: the sample is written, and its json says what happened to the
+    caption (sidecar files and tar members alike); counts reconcile."""
+    from pipelines.cli import print_summary
+    from pipelines.stages import MAX_CAPTION_BYTES
+
+    src = tmp_path / "in"
+    src.mkdir()
+    huge = b"x" * (MAX_CAPTION_BYTES + 1)
+    for name, pic, caption in [("latin1", "astronaut", "caf\xe9 au lait".encode("latin-1")),
+                               ("huge", "coffee", huge), ("fine", "chelsea", b"a cat")]:
+        (src / f"{name}.jpg").write_bytes(jpeg_bytes(photo(pic)))
+        (src / f"{name}.txt").write_bytes(caption)
+    write_tar(tmp_path / "in.tar", [
+        ("t/latin1", {"jpg": jpeg_bytes(photo("camera")), "txt": b"\xff\xfe bad"}),
+        ("t/huge", {"jpg": jpeg_bytes(photo("chelsea")[::-1]), "txt": huge}),
+    ])
+    out = tmp_path / "out"
+    stats = annotate([src, tmp_path / "in.tar"], out)
+    assert stats["written"] == stats["inputs"] == 5 and stats["failed"] == stats["filtered"] == 0
+    got = {}
+    for tar in sorted(out.glob("*.tar")):
+        for s in wds.WebDataset(str(tar), shardshuffle=False).decode():
+            got[s["json"]["source"][len(str(tmp_path)) + 1:]] = (s["txt"], s["json"].get("caption_note"),
+                                                           s["json"]["caption_source"])
+    assert got["in/fine.jpg"] == ("a cat", None, "sidecar")
+    text, note, source = got["in/latin1.jpg"]
+    assert text == "caf\ufffd au lait" and "not UTF-8" in note and source == "sidecar"
+    assert got["in/huge.jpg"][:2] == ("", f"caption larger than {MAX_CAPTION_BYTES} bytes: not used")
+    assert "not UTF-8" in got["in.tar#t/latin1"][1] and got["in.tar#t/latin1"][2] == "tar"
+    assert got["in.tar#t/huge"][:2] == ("", f"caption larger than {MAX_CAPTION_BYTES} bytes: not used")
+    assert stats["counters"]["caption_notes"] == 4
+    print_summary(stats, str(out))
+    assert "4 input caption(s) not used as given" in capsys.readouterr().out
+
+
+def test_an_unreadable_caption_is_no_caption_with_a_note():
+    from pipelines.stages import read_caption
+
+    def broken(limit):
+        raise OSError("input/output error")
+
+    assert read_caption(broken, "x.txt") == (None, "caption unreadable: OSError: input/output error")
+    assert read_caption(lambda limit: b"  fine \n", "y.txt") == ("fine", None)
+
+
 def test_controlset_shards_are_valid_input(hostile_run, tmp_path):
     folder, expected, out, stats = hostile_run
     again = annotate([out / "shard-000000.tar"], tmp_path / "re", annotators=(("canny", {}),))
