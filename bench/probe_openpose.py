@@ -60,7 +60,7 @@ def main() -> None:
                 out["bare"][f"{name}_b{b}"] = rate(lambda: net(x), b, iters=max(4, 64 // b))
         print(json.dumps({k: v for k, v in out["bare"].items() if k.startswith(name)}), flush=True)
     net = ann._body
-    for chunk, graphs in ((24, True), (32, True), (48, True), (64, True), (48, False)):
+    for chunk, graphs in ((24, True), (32, True), (40, True), (48, True), (56, True), (64, True), (48, False)):
         a = create_annotator("openpose", weights=folder, chunk_size=chunk, cuda_graphs=graphs)
         a.setup()
         a._body = net
@@ -68,7 +68,7 @@ def main() -> None:
             lambda: a.annotate_batch(images[:64]), 64, iters=6)
     print(json.dumps(out["ours"]), flush=True)
 
-    # host time per phase of annotate_batch (default options: chunks of 32,
+    # host time per phase of annotate_batch (default options: chunks of 48,
     # CUDA graphs), over 8 batches of 64
     from annotators import openpose as OP
 
