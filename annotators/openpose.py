@@ -80,9 +80,14 @@ def _body_bucket(n: int) -> int:
     """Batch size a graphed body pass runs at: 2 to 23 images padded to
     ``MIN_GPU_BATCH`` (see :meth:`OpenPose.forward`), others as they are."""
     return MIN_GPU_BATCH if 1 < n < MIN_GPU_BATCH else n
-#: Default pipeline chunk on CUDA: a 64-image batch runs as 48 + 16 (padded
-#: to 24), the sizes the body network runs fastest at.
-GPU_CHUNK = 48
+
+
+#: Default pipeline chunk on CUDA: a 64-image batch runs as 40 + 24, sizes
+#: the body network runs fast at, with no padded images (48 + 16 pads the 16
+#: to 24). Annotator images/s by chunk, batch 64 (bench/probe_openpose.py,
+#: H200, 2026-11-27 22:05): 24: 2302, 32: 2195, 40: 2575, 48: 2430,
+#: 56: 2328, 64: 2366.
+GPU_CHUNK = 40
 
 
 # --------------------------------------------------------------------------
@@ -541,7 +546,7 @@ class OpenPose(Annotator):
         detect_resolution: shorter side the detector sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size.
         chunk_size: images per pipeline chunk (outputs do not depend on it);
-            None = ``GPU_CHUNK`` (48) on CUDA, the whole batch on the CPU.
+            None = ``GPU_CHUNK`` (40) on CUDA, the whole batch on the CPU.
         cuda_graphs: on a GPU, replay the network from CUDA graphs captured
             once per batch shape (default on; no effect on the CPU).
     """
