@@ -551,6 +551,32 @@ def test_openpose_peak_bound_skips_only_parts_without_peaks(seed):
     np.testing.assert_array_equal(got[:, :4].astype(np.int64), want)
 
 
+def test_sparse_neighbour_test_equals_the_dense_peak_test():
+    """The four-neighbour test at above-threshold pixels finds exactly the
+    pixels of the dense test over zero-padded maps, in the same order, with
+    plateaus (ties) and peaks on every border."""
+    import torch.nn.functional as F
+
+    from annotators.openpose import PEAK_THRESHOLD, _at_least_neighbours
+
+    g = torch.Generator().manual_seed(3)
+    b = torch.rand(5, 23, 31, generator=g) * 0.3
+    b[0, 0, :] = 0.5  # a plateau along the top border
+    b[1, :, -1] = 0.4  # and down the right one
+    b[2, 10:12, 10:12] = 0.9  # a 2x2 plateau inside
+    b[3, -1, 0] = 0.8  # a corner
+    b = (b * 64).round() / 64  # more ties
+    p = F.pad(b, (1, 1, 1, 1))
+    c = p[..., 1:-1, 1:-1]
+    dense = ((c >= p[..., :-2, 1:-1]) & (c >= p[..., 2:, 1:-1]) & (c >= p[..., 1:-1, :-2])
+             & (c >= p[..., 1:-1, 2:]) & (c > PEAK_THRESHOLD)).nonzero()
+    ch, y, x = (b > PEAK_THRESHOLD).nonzero().unbind(1)
+    keep = _at_least_neighbours(b, ch, y, x)
+    sparse = torch.stack([ch[keep], y[keep], x[keep]], 1)
+    assert len(dense) > 20
+    assert torch.equal(sparse, dense)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["hed", "mlsd", "openpose"])
 def test_cuda_graphs_match_eager_on_gpu(name, weights_dir):
