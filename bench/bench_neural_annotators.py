@@ -202,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--precision", default=None, help="fp32, bf16, fp16 (default: bf16 on GPU)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument("--images", type=int, default=1024, help="timed images for ours and the bare forward")
+    p.add_argument("--images", type=int, default=960,
+                   help="timed images for ours and the bare forward (960: whole batches of 64 and of 160)")
     p.add_argument("--ref-images", type=int, default=None, help="images for the reference (default: per annotator)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per annotate_batch call and per bare forward (default: each annotator's own)")
     p.add_argument("--chunk-size", type=int, default=None, help="pipeline chunk (default: the annotators' own)")
     p.add_argument("--no-detections", action="store_true", help="skip the OpenPose run with synthetic detections")
     p.add_argument("--annotators", default="hed,mlsd,openpose")
@@ -231,26 +233,28 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             ann = create_annotator(
                 name, weights=folder, device=str(device), precision=args.precision,
-                **({"chunk_size": args.chunk_size} if name in ("hed", "mlsd") else {}),
+                **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
             )
             ann.setup()
+            # the annotator's own default batch unless --batch-size says otherwise
+            batch = args.batch_size or (ann.default_batch_size if device.type == "cuda" else 2)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            ours, summary = ours_rate(ann, images, args.batch_size)
+            ours, summary = ours_rate(ann, images, batch)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             eager = None
             if device.type == "cuda":
                 # the annotator replays CUDA graphs of its network by default; the same without
                 plain = create_annotator(
                     name, weights=folder, device=str(device), precision=args.precision, cuda_graphs=False,
-                    **({"chunk_size": args.chunk_size} if name in ("hed", "mlsd") else {}),
+                    **({"chunk_size": args.chunk_size} if args.chunk_size else {}),
                 )
                 plain.setup()
-                eager, _ = ours_rate(plain, images, args.batch_size)
+                eager, _ = ours_rate(plain, images, batch)
                 del plain
             # the same number of images as ours, in batches of the same size
-            bare = bare_forward_rate(name, ann, args.batch_size, args.size, -(-len(images) // args.batch_size))
+            bare = bare_forward_rate(name, ann, batch, args.size, -(-len(images) // batch))
             detections = {}
             if name == "openpose" and not args.no_detections:
                 geo = ann.geometry(args.size, args.size)
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 # graphs captured so far replay the plain network: capture anew
                 ann.__dict__.pop("_graphed_forwards", None)
                 ann.__dict__.pop("_body_stages", None)
-                rate, seen = ours_rate(ann, images, args.batch_size)
+                rate, seen = ours_rate(ann, images, batch)
                 detections = {
                     "ours_with_detections_img_s": round(rate, 2),
                     "fraction_of_bare_forward_with_detections": round(rate / bare, 3),
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_reference": round(ours / ref, 2),
                 "fraction_of_bare_forward": round(ours / bare, 3),
                 "peak_gpu_mem_mib": None if peak is None else round(peak, 1),
+                "batch_size": batch,
                 "images_ours": len(images),
                 "images_reference": n_ref,
                 **summary,
