@@ -230,8 +230,10 @@ class DepthModel:
     MAX_ELEMENTS = 2**31 - 1
 
     def max_pass(self, height: int, width: int) -> int:
-        """Most images one forward pass takes at this input size: the head
-        upsamples ``fusion_hidden_size / 2`` channels to the full input size."""
+        """Most images one forward pass can take at this input size: the head
+        upsamples ``fusion_hidden_size / 2`` channels to the full input size.
+        :meth:`forward` splits larger batches into passes of the largest
+        power of two within it."""
         channels = max(1, int(getattr(self.net.config, "fusion_hidden_size", 256)) // 2)
         return max(1, self.MAX_ELEMENTS // (channels * height * width))
 
@@ -244,7 +246,9 @@ class DepthModel:
         from annotators._torch import forward_runner
 
         run = forward_runner(self, self._eager_forward, graphs, "depth model")
-        limit = self.max_pass(*pixels.shape[-2:])
+        # a power of two: compiled and graphed forwards pad a pass up to the
+        # next power of two, which must stay within the limit too
+        limit = 1 << (self.max_pass(*pixels.shape[-2:]).bit_length() - 1)
         if pixels.shape[0] <= limit:
             return run(pixels).float()
         return torch.cat([run(part).float() for part in pixels.split(limit)])

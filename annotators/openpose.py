@@ -669,15 +669,23 @@ class OpenPose(Annotator):
                                       "OpenPose body network", exact_shapes=True)
             return paf[:n], heat[:n]
 
+    #: Detection sizes whose body stage is graphed; each keeps its graphs
+    #: (and their memory) for the life of the annotator, so a run with many
+    #: sizes (``crop="none"``) graphs the first few and runs the rest eagerly.
+    MAX_GRAPHED_SIZES = 4
+
     def _body_stage(self, dsize: tuple[int, int]) -> Any:
         """uint8 (N, 3, H, W) device batch -> (PAFs, part maps, row-blurred
         part maps, bounds): the device work of a chunk from pre-processing to
         the peak bounds as one function, captured as one CUDA graph per batch
         shape. Its dozens of small kernels around the network then cost the
         host one replay instead of a launch each. One function per detection
-        size (kept, so that its graphs are found again)."""
+        size (kept, so that its graphs are found again), for at most
+        ``MAX_GRAPHED_SIZES`` sizes; None past that."""
         stages = self.__dict__.setdefault("_body_stages", {})
         if dsize not in stages:
+            if len(stages) >= self.MAX_GRAPHED_SIZES:
+                return None
             geo = self.geometry(*dsize)
 
             def stage(batch: Any) -> tuple[Any, Any, Any, Any]:
@@ -697,11 +705,12 @@ class OpenPose(Annotator):
         geo = self.geometry(*dsize)
         with torch.inference_mode():
             batch = W.images_to_device(images, self._device)
-            if self._options["cuda_graphs"] and batch.device.type == "cuda":
+            stage = self._body_stage(dsize) if self._options["cuda_graphs"] and batch.device.type == "cuda" \
+                else None
+            if stage is not None:
                 from annotators._torch import graphed
 
-                stage = graphed(self, self._body_stage(dsize), "OpenPose body stage", bucket=_body_bucket)
-                paf, heat, z, bound = stage(batch)
+                paf, heat, z, bound = graphed(self, stage, "OpenPose body stage", bucket=_body_bucket)(batch)
             else:
                 x = W.resize_batch(batch.float(), dsize)
                 paf, heat = self.forward(body_input(x, geo))

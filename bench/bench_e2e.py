@@ -109,6 +109,7 @@ class GpuSampler:
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
+            self.thread.join(timeout=5)
 
     def summary(self) -> dict:
         if not self.samples:
@@ -147,7 +148,12 @@ def read_timeline(path: Path, start: float) -> list[dict]:
     processes numbered 0, 1, ... in order of their first event."""
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a killed process
+            continue
     rows.sort(key=lambda r: r["t"])
     procs: dict[int, int] = {}
     out = []
@@ -258,12 +264,19 @@ def main(argv=None) -> dict:
     # every process of the run appends its timeline events here (pipelines.beam.trace)
     trace_file = work / "trace.jsonl"
     trace_file.unlink(missing_ok=True)
+    before = os.environ.get("CONTROLSET_TRACE")
     os.environ["CONTROLSET_TRACE"] = str(trace_file)
-    with GpuSampler() as gpu:
-        start_epoch = time.time()
-        t0 = time.perf_counter()
-        stats = run_annotate(opts, beam_args)
-        wall = time.perf_counter() - t0
+    try:
+        with GpuSampler() as gpu:
+            start_epoch = time.time()
+            t0 = time.perf_counter()
+            stats = run_annotate(opts, beam_args)
+            wall = time.perf_counter() - t0
+    finally:  # the work folder (and the file) go away at the end
+        if before is None:
+            os.environ.pop("CONTROLSET_TRACE", None)
+        else:
+            os.environ["CONTROLSET_TRACE"] = before
     steady = steady_rate(work / "out", max(1, args.gpus or args.processes or 1))
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}

@@ -297,8 +297,10 @@ def bare_forwards(kind: str, folder: str, device: str, images, iters: int, warmu
     except RuntimeError as exc:
         # e.g. DPT over 113 images at once: CUDA's NHWC upsampling refuses
         # tensors of INT_MAX elements (the annotator splits such batches)
-        rows = {f"transformers_forward_bf16_batch{b}": {"error": str(exc).splitlines()[0]}}
+        rows = {f"transformers_forward_bf16_batch{b}": {"error": (str(exc).splitlines() or [type(exc).__name__])[0]}}
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         return rows
     if getattr(model, "auxiliary_head", None) is not None:
         model.auxiliary_head = None

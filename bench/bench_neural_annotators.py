@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             ann.setup()
             # the annotator's own default batch unless --batch-size says otherwise
-            batch = args.batch_size or (ann.default_batch_size if device.type == "cuda" else 2)
+            batch = args.batch_size or ann.default_batch_size
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

@@ -64,17 +64,27 @@ def trace(event: str, **fields: Any) -> None:
     """Append one timeline event to ``$CONTROLSET_TRACE`` when it is set."""
     import os
 
+    global _TRACE_FAILED
+
     path = os.environ.get(TRACE_ENV)
-    if not path:
+    if not path or _TRACE_FAILED:
         return
     row = {"t": round(time.time(), 4), "pid": os.getpid(), "thread": threading.current_thread().name,
            "event": event, **fields}
-    # one write per line with O_APPEND: lines of several processes do not interleave
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, (json.dumps(row, default=str) + "\n").encode())
-    finally:
-        os.close(fd)
+        # one write per line with O_APPEND: lines of several processes do not interleave
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(row, default=str) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:  # a diagnostic must never cost the run
+        if not _TRACE_FAILED:
+            _TRACE_FAILED = True
+            log.warning("cannot write the trace to %s (%s); tracing off in this process", path, exc)
+
+
+_TRACE_FAILED = False
 
 
 def models_tag(opts: AnnotateOptions) -> str:

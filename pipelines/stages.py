@@ -129,15 +129,15 @@ def _candidate(
 MAX_CAPTION_BYTES = 1 << 20
 
 
-def read_caption(read: Any, where: str) -> tuple[str | None, str | None]:
+def read_caption(read: Any, where: str, limit: int = MAX_CAPTION_BYTES) -> tuple[str | None, str | None]:
     """``(caption, note)`` from ``read(limit) -> bytes``: a caption that cannot
     be used as it is costs only itself, never the image, and says why in
     ``note`` (kept in the sample's metadata): too large or unreadable -> no
     caption; not UTF-8 -> undecodable bytes replaced with U+FFFD."""
     try:
-        data = read(MAX_CAPTION_BYTES)
-    except FileTooLargeError:
-        note = f"caption larger than {MAX_CAPTION_BYTES} bytes: not used"
+        data = read(limit)
+    except FileTooLargeError as exc:
+        note = f"caption too large, not used: {exc}"
     except Exception as exc:
         note = f"caption unreadable: {type(exc).__name__}: {exc}"
     else:
@@ -234,10 +234,14 @@ def _controlset_sample(source: str, sample, loc: Location) -> Candidate | Failur
     key = posixpath.basename(sample.key)
     if not is_valid_key(key):
         return None
-    try:
-        caption = read_location(sample.members["txt"], 1 << 20).decode("utf-8") if "txt" in sample.members else ""
-    except Exception as exc:
-        return FailureRecord.from_exception(source, "read", "read_error", exc, key=key)
+    caption, note = "", None
+    if "txt" in sample.members:
+        txt = sample.members["txt"]
+        # what controlset wrote: a caption of up to 1 MiB, whose replaced
+        # bytes (U+FFFD, three bytes each) may have made it longer
+        caption, note = read_caption(lambda limit: read_location(txt, limit), f"{source}.txt",
+                                     4 * MAX_CAPTION_BYTES)
+        caption = caption or ""
     others = tuple(sorted((ext, l) for ext, l in sample.members.items() if ext not in ("jpg", "json", "txt")))
     try:
         width, height = _checked_size(meta.get("original_width", 0)), _checked_size(meta.get("original_height", 0))
@@ -250,7 +254,7 @@ def _controlset_sample(source: str, sample, loc: Location) -> Candidate | Failur
                              error_type=type(exc).__name__)
     return Candidate(
         key, printable(source), loc, caption, meta.get("caption_source"), width, height,
-        prior_meta=json.dumps(meta, sort_keys=True), prior_members=others,
+        prior_meta=json.dumps(meta, sort_keys=True), prior_members=others, caption_note=note,
     )
 
 
@@ -555,6 +559,8 @@ def encode_sample(
             meta = json.loads(c.prior_meta)
             meta["annotators"] = {**meta.get("annotators", {}), **ann_meta}
             meta["caption_source"] = caption_source
+            if c.caption_note:
+                meta["caption_note"] = c.caption_note
             conditions = sorted({*conditions, *(n[: -len(".png")] for n in members if n.endswith(".png"))})
         else:
             meta = None

@@ -392,12 +392,13 @@ def test_loading_time_is_counted_per_annotator(photos_dir, tmp_path, capsys):
 
 def test_trace_writes_the_runs_timeline(photos_dir, tmp_path, monkeypatch):
     """CONTROLSET_TRACE: every step of the run in order, one event per shard
-    started and committed, loading per annotator; unset, nothing is written."""
+    started and committed, loading per annotator."""
     import json
 
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
     trace = tmp_path / "trace.jsonl"
-    stats = annotate([photos_dir], tmp_path / "quiet", shard_size=3)
-    assert not trace.exists()
     monkeypatch.setenv("CONTROLSET_TRACE", str(trace))
     stats = annotate([photos_dir], tmp_path / "o", shard_size=3, annotators=(("canny", {}), ("hough", {})))
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
@@ -412,6 +413,17 @@ def test_trace_writes_the_runs_timeline(photos_dir, tmp_path, monkeypatch):
     assert len(commits) == stats["shards"] == len([e for e in events if e == "shard_start"])
     assert sum(r["written"] for r in commits) == stats["written"]
     assert all(isinstance(r["t"], float) and r["pid"] == rows[0]["pid"] for r in rows)  # one process
+
+
+def test_an_unwritable_trace_never_costs_the_run(photos_dir, tmp_path, monkeypatch, caplog):
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
+    monkeypatch.setenv("CONTROLSET_TRACE", str(tmp_path / "no" / "such" / "folder" / "trace.jsonl"))
+    stats = annotate([photos_dir], tmp_path / "o", shard_size=3)
+    assert stats["written"] > 0 and stats["failed"] == 0
+    assert "cannot write the trace" in caplog.text
+    assert not (tmp_path / "no").exists()
 
 
 def test_tampered_controlset_metadata_costs_only_its_sample(photos_dir, tmp_path):

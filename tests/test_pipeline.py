@@ -230,12 +230,35 @@ def test_bad_captions_cost_only_themselves_and_are_noted(tmp_path, capsys):
     assert got["in/fine.jpg"] == ("a cat", None, "sidecar")
     text, note, source = got["in/latin1.jpg"]
     assert text == "caf\ufffd au lait" and "not UTF-8" in note and source == "sidecar"
-    assert got["in/huge.jpg"][:2] == ("", f"caption larger than {MAX_CAPTION_BYTES} bytes: not used")
+    assert got["in/huge.jpg"][0] == "" and got["in/huge.jpg"][1].startswith("caption too large, not used: ")
+    assert str(MAX_CAPTION_BYTES) in got["in/huge.jpg"][1]
     assert "not UTF-8" in got["in.tar#t/latin1"][1] and got["in.tar#t/latin1"][2] == "tar"
-    assert got["in.tar#t/huge"][:2] == ("", f"caption larger than {MAX_CAPTION_BYTES} bytes: not used")
+    assert got["in.tar#t/huge"][0] == "" and got["in.tar#t/huge"][1].startswith("caption too large, not used: ")
     assert stats["counters"]["caption_notes"] == 4
     print_summary(stats, str(out))
     assert "4 input caption(s) not used as given" in capsys.readouterr().out
+
+
+def test_a_caption_grown_by_replacement_survives_reannotation(tmp_path):
+    """Undecodable bytes become U+FFFD (three bytes each): a caption under
+    the 1 MiB input limit can be written larger than it; re-annotating those
+    shards keeps the sample, its caption and its note."""
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(jpeg_bytes(photo("astronaut")))
+    (src / "a.txt").write_bytes(b"\xff" * 400_000)
+    first = tmp_path / "first"
+    annotate([src], first)
+    (shard,) = sorted(first.glob("*.tar"))
+    (sample,) = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert len(sample["txt"]) == 1_200_000 and "not UTF-8" in json.loads(sample["json"])["caption_note"]
+    again = tmp_path / "again"
+    stats = annotate([shard], again, annotators=(("hough", {}),))
+    assert stats["written"] == 1 and stats["failed"] == 0
+    (sample2,) = list(wds.WebDataset(str(sorted(again.glob("*.tar"))[0]), shardshuffle=False))
+    assert sample2["txt"] == sample["txt"]
+    meta = json.loads(sample2["json"])
+    assert "not UTF-8" in meta["caption_note"] and {"canny", "hough"} <= set(meta["annotators"])
 
 
 def test_an_unreadable_caption_is_no_caption_with_a_note():
