@@ -92,10 +92,43 @@ def models_tag(opts: AnnotateOptions) -> str:
     return json.dumps(opts.annotators, sort_keys=True, default=str)
 
 
+#: Inputs per element of the probe stage: a few thousand elements instead of
+#: one per file cost Beam less to hand out between workers, and the inputs of
+#: one element are probed on threads (reading and hashing release the GIL; on
+#: a bucket each read mostly waits on the network). A tar is an element of
+#: its own.
+PROBE_GROUP = 64
+
+
+def _is_remote(url: str) -> bool:
+    from fsspec.utils import get_protocol
+
+    return get_protocol(url) not in ("file", "local")
+
+
+def probe_groups(refs: list[InputRef]) -> list[tuple[InputRef, ...]]:
+    """``refs`` as the probe stage's elements: groups of up to
+    ``PROBE_GROUP`` files, each tar alone."""
+    groups: list[tuple[InputRef, ...]] = []
+    current: list[InputRef] = []
+    for ref in refs:
+        if ref.kind == "tar":
+            groups.append((ref,))
+            continue
+        current.append(ref)
+        if len(current) == PROBE_GROUP:
+            groups.append(tuple(current))
+            current = []
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
 class ProbeFn(beam.DoFn):
-    """Reads each input's bytes and header (no pixels). Its setup also starts
-    loading the annotators in the background, so model loading overlaps the
-    planning stages instead of following them."""
+    """Reads each input's bytes and header (no pixels), a group of inputs at
+    a time on the worker's threads. Its setup also starts loading the
+    annotators in the background, so model loading overlaps the planning
+    stages instead of following them."""
 
     def __init__(self, opts: AnnotateOptions) -> None:
         self.opts = opts
@@ -103,18 +136,37 @@ class ProbeFn(beam.DoFn):
         self.caption_notes = _counter("caption_notes")
 
     def setup(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         trace("probe_setup")
         preload_annotators(self.opts)
+        self._pool = ThreadPoolExecutor(max_workers=self.opts.io_threads or default_threads(),
+                                        thread_name_prefix="controlset-probe")
 
-    def process(self, ref: InputRef) -> Iterable:
-        for result in probe_input(ref, self.opts):
-            self.inputs.inc()
-            if isinstance(result, FailureRecord):
-                yield beam.pvalue.TaggedOutput("records", result)
-            else:
-                if result.caption_note:
-                    self.caption_notes.inc()
-                yield result
+    def teardown(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def process(self, group: tuple[InputRef, ...]) -> Iterable:
+        def probe(ref: InputRef) -> list:
+            return list(probe_input(ref, self.opts))
+
+        # Threads only for remote inputs: a local file in the page cache is
+        # read in microseconds, and threads would only contend for the GIL
+        # (header parsing is Python): 0.25 ms a file serially against 0.42 ms
+        # on two threads (2 cores). Results keep the group's order; counters
+        # stay on the bundle's thread (Beam's metrics are per thread).
+        remote = any(_is_remote(ref.source) for ref in group)
+        for results in (self._pool.map(probe, group) if remote else map(probe, group)):
+            for result in results:
+                self.inputs.inc()
+                if isinstance(result, FailureRecord):
+                    yield beam.pvalue.TaggedOutput("records", result)
+                else:
+                    if result.caption_note:
+                        self.caption_notes.inc()
+                    yield result
 
 
 class DedupFn(beam.DoFn):
@@ -570,7 +622,7 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
     probed = (
         p
-        | "Inputs" >> beam.Create(refs, reshuffle=True)
+        | "Inputs" >> beam.Create(probe_groups(refs), reshuffle=True)
         | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
     )
     inputs = probed.ok | "CountOk" >> beam.combiners.Count.Globally()

@@ -287,6 +287,21 @@ def _blocking_setup_class(name: str):
     return Blocking
 
 
+def test_probe_groups_keep_every_input_once_in_order_with_each_tar_alone():
+    from pipelines.beam import PROBE_GROUP, probe_groups
+    from pipelines.sources import InputRef
+
+    refs = [InputRef(f"/d/{i}.jpg", "image") for i in range(PROBE_GROUP + 10)]
+    refs[5] = InputRef("/d/a.tar", "tar")
+    refs.append(InputRef("/d/b.tar", "tar"))
+    groups = probe_groups(refs)
+    assert sorted((r.source for g in groups for r in g), key=str) == sorted((r.source for r in refs), key=str)
+    assert [g for g in groups if any(r.kind == "tar" for r in g)] == [(refs[5],), (refs[-1],)]
+    files = [r for g in groups for r in g if r.kind != "tar"]
+    assert files == [r for r in refs if r.kind != "tar"]  # in their order
+    assert max(len(g) for g in groups) == PROBE_GROUP and probe_groups([]) == []
+
+
 def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch):
     import threading
 
