@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
         **rows,
     }
     print(json.dumps(summary, indent=2))
+    pool.shutdown()
+    shutil.rmtree(folder, ignore_errors=True)
+    fs.rm("/bucket", recursive=True)
     return summary
 
 
