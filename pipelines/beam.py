@@ -16,13 +16,16 @@ of resume, and no image or encoded sample crosses between workers.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import json
 import logging
+import posixpath
 import threading
 import time
 from typing import Any, Iterable
 
 import apache_beam as beam
+import fsspec
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
 from fsspec.core import url_to_fs
@@ -45,6 +48,7 @@ from pipelines.stages import (
 )
 from pipelines.writer import ShardSummary, ShardWriter, read_shard_summary, shard_is_complete, shard_name
 from schemas import FILTERED, FailureRecord
+from schemas.files import TMP_MARK, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 NS = "controlset"
@@ -616,15 +620,48 @@ def _finalize(_, opts: AnnotateOptions, inputs: int, boundaries: list[str],
                     early_records=records, summaries=summaries, run_info=run_info)
 
 
+#: Name of the run's input list beside its outputs (hidden, and carrying the
+#: temporary mark, so a list left by a killed run is removed by the next).
+INPUT_LIST = ".controlset-inputs" + TMP_MARK + "{run_id}.jsonl"
+
+
+def write_input_list(fs, root: str, run_id: str, refs: list[InputRef]) -> str:
+    """Write the discovered inputs (JSON lines) beside the outputs and return
+    its URL. The pipeline reads them from there instead of carrying them in
+    its own definition: a job graph that embeds the list outgrows Dataflow's
+    limit for the job's request at a few hundred thousand inputs (200000
+    hashed gs:// names: a 12 MB pipeline)."""
+    path = posixpath.join(root, INPUT_LIST.format(run_id=run_id))
+    lines = [json.dumps(dataclasses.asdict(r), sort_keys=True) for r in refs]
+    atomic_write_bytes(fs, path, ("\n".join(lines) + "\n").encode() if lines else b"")
+    return fs.unstrip_protocol(path)
+
+
+def read_input_groups(url: str) -> list[tuple[InputRef, ...]]:
+    """The probe stage's elements (:func:`probe_groups`) of an input list."""
+    with fsspec.open(url, "rb") as f:
+        refs = [InputRef(**json.loads(line)) for line in f.read().decode().splitlines() if line]
+    return probe_groups(refs)
+
+
 def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef],
-                   fingerprint: dict, run_info: dict) -> beam.PCollection:
-    """Add the annotate stages to ``p``; returns the one-element stats PCollection."""
+                   fingerprint: dict, run_info: dict, input_list: str | None = None) -> beam.PCollection:
+    """Add the annotate stages to ``p``; returns the one-element stats PCollection.
+
+    ``input_list``: the URL of ``refs`` written by :func:`write_input_list`;
+    the pipeline then reads its inputs from there (its definition stays small
+    for any number of inputs). Without it, ``refs`` are embedded."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
-    probed = (
-        p
-        | "Inputs" >> beam.Create(probe_groups(refs), reshuffle=True)
-        | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
-    )
+    if input_list is not None:
+        groups = (
+            p
+            | "InputList" >> beam.Create([input_list])
+            | "ReadInputs" >> beam.FlatMap(read_input_groups)
+            | "SpreadInputs" >> beam.Reshuffle()
+        )
+    else:
+        groups = p | "Inputs" >> beam.Create(probe_groups(refs), reshuffle=True)
+    probed = groups | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
     inputs = probed.ok | "CountOk" >> beam.combiners.Count.Globally()
     early_failed = probed.records | "CountRecords" >> beam.combiners.Count.Globally()
     deduped = (

@@ -15,11 +15,12 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from annotators import create_annotator
-from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options, trace
+from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options, trace, write_input_list
 from pipelines.finalize import STATS_FILE
 from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
 from schemas.errors import UsageError
+from schemas.files import remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,15 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         # the same share of the cores for the CPU annotators' threads
         opts = replace(opts, cpu_threads=default_threads(workers))
     p = beam.Pipeline(options=pipeline_options(beam_args))
-    build_pipeline(p, opts, refs, fingerprint, run_info)
+    input_list = write_input_list(fs, root, opts.run_id, refs)
+    build_pipeline(p, opts, refs, fingerprint, run_info, input_list=input_list)
     trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
     try:
         result = p.run()
         result.wait_until_finish()
         trace("pipeline_done")
     finally:
+        remove_quietly(fs, input_list)
         discard_preloads(opts.run_id)
         if opts.gpus:
             import shutil

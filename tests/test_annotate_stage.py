@@ -302,6 +302,41 @@ def test_probe_groups_keep_every_input_once_in_order_with_each_tar_alone():
     assert max(len(g) for g in groups) == PROBE_GROUP and probe_groups([]) == []
 
 
+def test_the_pipeline_reads_its_inputs_from_a_list_and_stays_small(tmp_path):
+    """200000 inputs: the pipeline's definition carries the list's URL, not
+    the list (embedded, such a list outgrows Dataflow's job request)."""
+    import apache_beam as beam
+
+    from pipelines.beam import build_pipeline, pipeline_options, read_input_groups, write_input_list
+    from pipelines.options import AnnotateOptions
+    from pipelines.sources import InputRef, open_output_fs
+
+    refs = [InputRef(f"gs://bucket/raw/{i:040x}.jpg", "image", caption=f"gs://bucket/raw/{i:040x}.txt")
+            for i in range(200_000)] + [InputRef("gs://bucket/a.tar", "tar"), InputRef("gs://b/x", "skipped", note="n")]
+    opts = AnnotateOptions(inputs=("gs://bucket/raw",), output=str(tmp_path / "o"), annotators=(("canny", {}),),
+                           run_id="r1")
+    fs, root = open_output_fs(opts.output)
+    url = write_input_list(fs, root, "r1", refs)
+    groups = read_input_groups(url)
+    assert [r for g in groups for r in g] == refs and (refs[-2],) in groups  # every input, once, each tar alone
+    p = beam.Pipeline(options=pipeline_options([]))
+    build_pipeline(p, opts, refs, {"a": 1}, {"annotators": ["canny"]}, input_list=url)
+    assert len(p.to_runner_api().SerializeToString()) < 200_000
+
+
+def test_the_input_list_is_removed_and_a_killed_runs_list_cleaned_up(photos_dir, tmp_path):
+    from pipelines.beam import write_input_list
+    from pipelines.sources import InputRef, open_output_fs
+
+    out = tmp_path / "o"
+    fs, root = open_output_fs(str(out))
+    write_input_list(fs, root, "killed", [InputRef("/x.jpg", "image")])  # as a killed run leaves it
+    assert [p.name for p in out.iterdir() if p.name.startswith(".controlset-inputs")]
+    stats = annotate([photos_dir], out, shard_size=3)
+    assert stats["written"] > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".controlset-inputs")]
+
+
 def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch):
     import threading
 
