@@ -244,7 +244,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="folder with annotator weights (neural annotators)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--io-threads", type=int, default=0, metavar="N",
-                   help="decode/encode threads per worker process (default: half the CPUs per local worker, 2 to 8)")
+                   help="decode/encode threads per worker process, also probing remote inputs (default: "
+                        "half the CPUs of this machine per local worker, 2 to 8; set it for remote runners)")
     p.add_argument("--gpu-threads", type=int, default=2, metavar="N",
                    help="GPU annotators that run side by side in a worker, so one's host-side work overlaps "
                    "another's kernels (default 2; 1: one after another)")

@@ -80,9 +80,9 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
         opts = replace(opts, cpu_threads=default_threads(workers))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     input_list = write_input_list(fs, root, opts.run_id, refs)
-    build_pipeline(p, opts, refs, fingerprint, run_info, input_list=input_list)
-    trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
     try:
+        build_pipeline(p, opts, refs, fingerprint, run_info, input_list=input_list)
+        trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
         result = p.run()
         result.wait_until_finish()
         trace("pipeline_done")
