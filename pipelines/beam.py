@@ -651,24 +651,21 @@ def read_input_groups(url: str) -> list[tuple[InputRef, ...]]:
     return probe_groups(refs)
 
 
-def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef],
-                   fingerprint: dict, run_info: dict, input_list: str | None = None) -> beam.PCollection:
+def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, input_list: str, total: int,
+                   fingerprint: dict, run_info: dict) -> beam.PCollection:
     """Add the annotate stages to ``p``; returns the one-element stats PCollection.
 
-    ``input_list``: the URL of ``refs`` written by :func:`write_input_list`;
-    the pipeline then reads its inputs from there (its definition stays small
-    for any number of inputs). Without it, ``refs`` are embedded."""
+    ``input_list``: the URL of the ``total`` discovered inputs written by
+    :func:`write_input_list`; the pipeline reads them from there, so its
+    definition stays small for any number of inputs."""
     fingerprint_json = json.dumps(fingerprint, sort_keys=True)
-    if input_list is not None:
-        groups = (
-            p
-            | "InputList" >> beam.Create([input_list])
-            | "ReadInputs" >> beam.FlatMap(read_input_groups)
-            | "SpreadInputs" >> beam.Reshuffle()
-        )
-    else:
-        groups = p | "Inputs" >> beam.Create(probe_groups(refs), reshuffle=True)
-    probed = groups | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
+    probed = (
+        p
+        | "InputList" >> beam.Create([input_list])
+        | "ReadInputs" >> beam.FlatMap(read_input_groups)
+        | "SpreadInputs" >> beam.Reshuffle()
+        | "Probe" >> beam.ParDo(ProbeFn(opts)).with_outputs("records", main="ok")
+    )
     inputs = probed.ok | "CountOk" >> beam.combiners.Count.Globally()
     early_failed = probed.records | "CountRecords" >> beam.combiners.Count.Globally()
     deduped = (
@@ -704,7 +701,7 @@ def build_pipeline(p: beam.Pipeline, opts: AnnotateOptions, refs: list[InputRef]
     written = (
         planned.todo
         | "Spread" >> beam.Reshuffle()
-        | "MakeShards" >> beam.ParDo(ShardFn(opts, total=len(refs)))
+        | "MakeShards" >> beam.ParDo(ShardFn(opts, total=total))
     )
     summaries = (written, planned.done) | "AllShards" >> beam.Flatten()
     early = [probed.records, deduped.records] + ([near_records] if near_records is not None else [])

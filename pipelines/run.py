@@ -81,7 +81,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     p = beam.Pipeline(options=pipeline_options(beam_args))
     input_list = write_input_list(fs, root, opts.run_id, refs)
     try:
-        build_pipeline(p, opts, refs, fingerprint, run_info, input_list=input_list)
+        build_pipeline(p, opts, input_list, len(refs), fingerprint, run_info)
         trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
         result = p.run()
         result.wait_until_finish()

@@ -134,6 +134,7 @@ def read_caption(read: Any, where: str, limit: int = MAX_CAPTION_BYTES) -> tuple
     be used as it is costs only itself, never the image, and says why in
     ``note`` (kept in the sample's metadata): too large or unreadable -> no
     caption; not UTF-8 -> undecodable bytes replaced with U+FFFD."""
+    caption = None
     try:
         data = read(limit)
     except FileTooLargeError as exc:
@@ -146,10 +147,8 @@ def read_caption(read: Any, where: str, limit: int = MAX_CAPTION_BYTES) -> tuple
         except UnicodeDecodeError as exc:
             note = f"caption is not UTF-8 (byte {exc.start}): undecodable bytes replaced with U+FFFD"
             caption = data.decode("utf-8", errors="replace").strip()
-            log.warning("%s: %s", printable(where), note)
-            return caption, note
     log.warning("%s: %s", printable(where), note)
-    return None, note
+    return caption, note
 
 
 def probe_input(ref: InputRef, opts: AnnotateOptions) -> Iterator[Candidate | FailureRecord]:
@@ -559,8 +558,6 @@ def encode_sample(
             meta = json.loads(c.prior_meta)
             meta["annotators"] = {**meta.get("annotators", {}), **ann_meta}
             meta["caption_source"] = caption_source
-            if c.caption_note:
-                meta["caption_note"] = c.caption_note
             conditions = sorted({*conditions, *(n[: -len(".png")] for n in members if n.endswith(".png"))})
         else:
             meta = None
@@ -574,9 +571,10 @@ def encode_sample(
             crop=opts.crop,
             caption_source=caption_source,
             annotators=ann_meta,
-            extra={**({"frames": decoded.frames} if decoded.frames > 1 else {}),
-                   **({"caption_note": c.caption_note} if c.caption_note else {})} or None,
+            extra={"frames": decoded.frames} if decoded.frames > 1 else None,
         )
+        if c.caption_note:
+            meta["caption_note"] = c.caption_note
         members["txt"] = caption.encode("utf-8")
         members["json"] = encode_member("json", meta)
     except Exception as exc:

@@ -320,7 +320,7 @@ def test_the_pipeline_reads_its_inputs_from_a_list_and_stays_small(tmp_path):
     groups = read_input_groups(url)
     assert [r for g in groups for r in g] == refs and (refs[-2],) in groups  # every input, once, each tar alone
     p = beam.Pipeline(options=pipeline_options([]))
-    build_pipeline(p, opts, refs, {"a": 1}, {"annotators": ["canny"]}, input_list=url)
+    build_pipeline(p, opts, url, len(refs), {"a": 1}, {"annotators": ["canny"]})
     assert len(p.to_runner_api().SerializeToString()) < 200_000
 
 
