@@ -661,10 +661,10 @@ class OpenPose(Annotator):
 
         with torch.inference_mode():
             n = int(x.shape[0])
-            if self._device.type == "cuda" and 1 < n < MIN_GPU_BATCH:
+            if self._device.type == "cuda":
                 from annotators._torch import pad_batch
 
-                x = pad_batch(x, MIN_GPU_BATCH)
+                x = pad_batch(x, _body_bucket(n))
             paf, heat = W.run_network(self, self._body, W.to_input(x, self._device, self._dtype),
                                       "OpenPose body network", exact_shapes=True)
             return paf[:n], heat[:n]
@@ -686,15 +686,20 @@ class OpenPose(Annotator):
         if dsize not in stages:
             if len(stages) >= self.MAX_GRAPHED_SIZES:
                 return None
-            geo = self.geometry(*dsize)
 
             def stage(batch: Any) -> tuple[Any, Any, Any, Any]:
-                x = body_input(W.resize_batch(batch.float(), dsize), geo)
-                paf, heat = self._body(W.to_input(x, self._device, self._dtype))
-                return (paf, *peak_bounds(heat, geo))
+                # the bare network: the graph itself pads small batches
+                return self._body_pass(batch, dsize, lambda x: self._body(W.to_input(x, self._device, self._dtype)))
 
             stages[dsize] = stage
         return stages[dsize]
+
+    def _body_pass(self, batch: Any, dsize: tuple[int, int], net: Any) -> tuple[Any, Any, Any, Any]:
+        """uint8 (N, 3, H, W) device batch -> (PAFs, part maps, row-blurred
+        part maps, bounds) through ``net`` (input batch -> PAFs, heatmaps)."""
+        geo = self.geometry(*dsize)
+        paf, heat = net(body_input(W.resize_batch(batch.float(), dsize), geo))
+        return (paf, *peak_bounds(heat, geo))
 
     def launch_bodies(self, images: Sequence[np.ndarray], dsize: tuple[int, int]) -> dict[str, Any]:
         """Queue the body pass of one chunk of same-size RGB images on the
@@ -712,9 +717,7 @@ class OpenPose(Annotator):
 
                 paf, heat, z, bound = graphed(self, stage, "OpenPose body stage", bucket=_body_bucket)(batch)
             else:
-                x = W.resize_batch(batch.float(), dsize)
-                paf, heat = self.forward(body_input(x, geo))
-                heat, z, bound = peak_bounds(heat, geo)
+                paf, heat, z, bound = self._body_pass(batch, dsize, self.forward)
             ready = None
             if self._device.type == "cuda":
                 ready = torch.cuda.Event()
