@@ -7,8 +7,15 @@ images/s of the whole pipeline (decode, all annotators, encode, write), GPU
 utilisation sampled with nvidia-smi, and each annotator's share of time.
 
     python bench/bench_e2e.py --images 2000              # one GPU
-    python bench/bench_e2e.py --images 2000 --gpus 2     # one worker per GPU
+    python bench/bench_e2e.py --images 2000 --gpus 2     # a worker process per GPU
+    python bench/bench_e2e.py --images 4000 --gpus 2 --modes one,processes,threads
     python bench/bench_e2e.py --smoke                    # tiny CPU check
+
+Each pipeline runs in a fresh Python process, as ``controlset annotate``
+would, and is timed from that process's start to its end: interpreter
+start, imports, Beam start-up, model loading and graph capture included.
+Several modes run back to back on the same inputs and models, so they
+compare within one run.
 """
 
 from __future__ import annotations
@@ -205,14 +212,113 @@ def reference_chain(models: dict, images: list[np.ndarray], device: str) -> floa
     return len(images) / (time.perf_counter() - t0)
 
 
+MODES = ("one", "processes", "threads")
+
+
+def run_child(spec: dict) -> dict:
+    """Run one pipeline as ``controlset annotate`` would (in a fresh Python
+    process, so its wall-clock includes the interpreter's start and every
+    import) and return its stats; the caller times the whole process."""
+    spec_file = Path(spec["work"]) / "child-spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, CONTROLSET_TRACE=spec["trace"])
+    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file)], env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pipeline process exited with {proc.returncode}")
+    return json.loads(Path(spec["result"]).read_text())
+
+
+def child_main(spec_file: str) -> None:
+    """The pipeline process of :func:`run_child`."""
+    from pipelines.options import AnnotateOptions
+    from pipelines.run import run_annotate
+
+    spec = json.loads(Path(spec_file).read_text())
+    kw = spec["opts"]
+    kw["inputs"] = tuple(kw["inputs"])
+    kw["annotators"] = tuple((n, o) for n, o in kw["annotators"])
+    stats = run_annotate(AnnotateOptions(**kw), spec["beam_args"])
+    Path(spec["result"]).write_text(json.dumps(stats))
+
+
+def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dict:
+    """One pipeline run in ``mode``: its figures and timeline."""
+    out = work / f"out-{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    gpus = args.gpus if mode != "one" else 0
+    opts = {
+        "inputs": [str(work / "in")], "output": str(out),
+        "annotators": [(n, models[n]) for n in names],
+        "resolution": args.resolution, "shard_size": args.shard_size, "gpus": gpus,
+        "gpu_workers": "threads" if mode == "threads" else "processes",
+        "min_size": min(256, args.side), "gpu_threads": args.gpu_threads,
+    }
+    beam_args: list[str] = []
+    if mode == "one" and args.processes:
+        beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
+    elif mode == "one" and args.threads:
+        beam_args = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
+    # every process of the run appends its timeline events here (pipelines.beam.trace)
+    trace_file = work / f"trace-{mode}.jsonl"
+    trace_file.unlink(missing_ok=True)
+    spec = {"opts": opts, "beam_args": beam_args, "work": str(work), "trace": str(trace_file),
+            "result": str(work / f"result-{mode}.json")}
+    with GpuSampler() as gpu:
+        start_epoch = time.time()
+        t0 = time.perf_counter()
+        stats = run_child(spec)
+        wall = time.perf_counter() - t0
+    steady = steady_rate(out, max(1, gpus or args.processes or args.threads or 1))
+    counters = stats.get("counters", {})
+    ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
+    stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}
+    # model loading, summed over workers (they load side by side)
+    loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
+    timeline = read_timeline(trace_file, start_epoch)
+    print(f"[{mode}] timeline (seconds from the start of the pipeline process):", flush=True)
+    for row in timeline:
+        print("  " + json.dumps(row), flush=True)
+    total_ms = sum(ms.values()) or 1
+    result = {
+        "mode": mode, "gpus": gpus or 1, "beam_args": beam_args,
+        "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
+        # the whole `controlset annotate` process: interpreter start, imports,
+        # Beam start-up, model loading, graph capture, every shard
+        "process_seconds": round(wall, 2),
+        "images_per_s": round(stats["written"] / wall, 2),
+        "run_annotate_seconds": round(stats.get("seconds", float("nan")), 2),
+        "steady_images_per_s": steady,
+        "gpu": gpu.summary(),
+        "annotator_share_percent": {k: round(100 * v / total_ms, 1)
+                                    for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
+        "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
+        # the shard threads' time: waiting for decoding, annotating, waiting for encoding
+        "stage_seconds": stages,
+        "load_seconds": loading,
+        # seconds from the process's start to each shard's commit
+        "commit_seconds": commit_times(out, start_epoch),
+        "timeline": timeline,
+    }
+    print(f"[{mode}] pipeline:", json.dumps({k: v for k, v in result.items() if k != "timeline"}), flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--child":
+        child_main(sys.argv[2])
+        return {}
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--side", type=int, default=576, help="short side of the input JPEGs")
     ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--gpus", type=int, default=0, help="0: one GPU, threads in one process; N: one process per GPU")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs of the 'processes' and 'threads' modes")
+    ap.add_argument("--modes", default=None,
+                    help="pipeline runs on the same inputs, in order, from: one (one GPU, in process), "
+                         "processes (--gpus N, a worker process per GPU), threads (--gpus N, --gpu-workers "
+                         "threads); default: one, or processes with --gpus")
     ap.add_argument("--threads", type=int, default=0,
-                    help="one GPU: DirectRunner threads (0: in process; each worker already decodes and "
+                    help="mode one: DirectRunner threads (0: in process; each worker already decodes and "
                          "encodes on its own thread pool while the GPU works)")
     ap.add_argument("--reference-images", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=500,
@@ -220,21 +326,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--annotators", default=",".join(ANNOTATORS))
     ap.add_argument("--caption-beams", type=int, default=3, help="BLIP beam width (the annotator's default: 3)")
     ap.add_argument("--processes", type=int, default=0,
-                    help="one GPU: N worker processes, each with its own models, instead of threads")
+                    help="mode one: N worker processes on the one GPU, each with its own models")
     ap.add_argument("--gpu-threads", type=int, default=2,
                     help="GPU annotators side by side per worker (the pipeline's --gpu-threads)")
-    ap.add_argument("--dump-stacks", type=float, default=0,
-                    help="print every thread's stack after this many seconds of the pipeline (diagnosis)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.side, args.resolution, args.reference_images = 16, 160, 128, 2
+    modes = [m for m in (args.modes or ("processes" if args.gpus else "one")).split(",") if m]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+        if m != "one" and args.gpus < 1:
+            ap.error(f"mode {m!r} needs --gpus N")
 
     import torch
-
-    from pipelines.options import AnnotateOptions
-    from pipelines.run import run_annotate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.keep or tempfile.mkdtemp(prefix="controlset-e2e-"))
@@ -243,58 +350,7 @@ def main(argv=None) -> dict:
     write_inputs(work / "in", args.images, args.side)
     setup_s = time.perf_counter() - t0
     names = [n for n in args.annotators.split(",") if n]
-    opts = AnnotateOptions(
-        inputs=(str(work / "in"),), output=str(work / "out"),
-        annotators=tuple((n, models[n]) for n in names),
-        resolution=args.resolution, shard_size=args.shard_size, gpus=args.gpus, min_size=min(256, args.side),
-        gpu_threads=args.gpu_threads,
-    )
-    if args.gpus:
-        beam_args = []
-    elif args.processes:
-        beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
-    elif args.threads:
-        beam_args = ["--direct_running_mode=multi_threading", f"--direct_num_workers={args.threads}"]
-    else:
-        beam_args = []
-    if args.dump_stacks:
-        import faulthandler
-
-        faulthandler.dump_traceback_later(args.dump_stacks, repeat=False)
-    # every process of the run appends its timeline events here (pipelines.beam.trace)
-    trace_file = work / "trace.jsonl"
-    trace_file.unlink(missing_ok=True)
-    before = os.environ.get("CONTROLSET_TRACE")
-    os.environ["CONTROLSET_TRACE"] = str(trace_file)
-    try:
-        with GpuSampler() as gpu:
-            start_epoch = time.time()
-            t0 = time.perf_counter()
-            stats = run_annotate(opts, beam_args)
-            wall = time.perf_counter() - t0
-    finally:  # the work folder (and the file) go away at the end
-        if before is None:
-            os.environ.pop("CONTROLSET_TRACE", None)
-        else:
-            os.environ["CONTROLSET_TRACE"] = before
-    steady = steady_rate(work / "out", max(1, args.gpus or args.processes or 1))
-    counters = stats.get("counters", {})
-    ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
-    stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}
-    # model loading, summed over worker processes (they load side by side)
-    loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
-    commits = commit_times(work / "out", start_epoch)
-    timeline = read_timeline(trace_file, start_epoch)
-    print("timeline (seconds from the start of the run):", flush=True)
-    for row in timeline:
-        print("  " + json.dumps(row), flush=True)
-    total_ms = sum(ms.values()) or 1
-    partial = {"pipeline_seconds": round(wall, 2), "images_per_s": round(stats["written"] / wall, 2),
-               "steady_images_per_s": steady,
-               "written": stats["written"], "failed": stats["failed"], "beam_args": beam_args,
-               "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()}, "stage_seconds": stages,
-               "load_seconds": loading, "commit_seconds": commits, "gpu": gpu.summary()}
-    print("pipeline:", json.dumps(partial), flush=True)
+    runs = {m: run_mode(m, args, work, names, models) for m in modes}
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
     try:
@@ -302,40 +358,33 @@ def main(argv=None) -> dict:
     except Exception as exc:  # report the pipeline figures even if a reference fails
         print(f"reference chain failed: {type(exc).__name__}: {exc}", flush=True)
         ref_rate = float("nan")
+    for r in runs.values():
+        r["speedup_vs_reference_chain"] = round(r["images_per_s"] / ref_rate, 1) if ref_rate == ref_rate else None
     summary = {
         "benchmark": "end_to_end_all_annotators",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["bench/bench_e2e.py"] + (argv if argv is not None else sys.argv[1:])),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "gpus_visible": torch.cuda.device_count(),
+        "cpus": os.cpu_count(),
         "weights": "seeded random, real architectures" + (" (tiny configs)" if args.smoke else ""),
         "annotators": names,
         "images": args.images,
-        "beam_args": beam_args,
         "caption_beams": args.caption_beams,
         "gpu_threads": args.gpu_threads,
         "resolution": args.resolution,
-        "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
-        "pipeline_seconds": round(wall, 2),
-        "images_per_s": round(stats["written"] / wall, 2),
-        "steady_images_per_s": steady,
-        "gpu": gpu.summary(),
-        "annotator_share_percent": {k: round(100 * v / total_ms, 1) for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
-        "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
-        # the shard threads' time: waiting for decoding, annotating, waiting for encoding
-        "stage_seconds": stages,
-        # model loading per annotator, summed over worker processes
-        "load_seconds": loading,
-        # seconds from the start of the run to each shard's commit
-        "commit_seconds": commits,
-        # every process's events (start-up, loading, shards), seconds from the run's start
-        "timeline": timeline,
+        "runs": runs,
         "reference_chain_images_per_s": round(ref_rate, 3),
         "reference_images": len(ref_images),
-        "speedup_vs_reference_chain": round(stats["written"] / wall / ref_rate, 1),
         "setup_seconds": round(setup_s, 1),
     }
     print(json.dumps(summary, indent=2), flush=True)
+    print("summary:", flush=True)
+    for m, r in runs.items():
+        print(f"  {m:9s} gpus {r['gpus']}: {r['images_per_s']:7.1f} img/s wall ({r['process_seconds']:.1f} s), "
+              f"steady {r['steady_images_per_s']}, first commit "
+              f"{r['commit_seconds'][0] if r['commit_seconds'] else None} s, gpu {r['gpu']}", flush=True)
+    print(f"  reference chain: {ref_rate:.3f} img/s", flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return summary

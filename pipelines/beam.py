@@ -16,13 +16,14 @@ of resume, and no image or encoded sample crosses between workers.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import json
 import logging
 import posixpath
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 import fsspec
@@ -233,9 +234,10 @@ class ShardFn(beam.DoFn):
 
     A shard is the unit of work (and of resume): its samples never leave the
     worker, so no image or encoded sample is shuffled between workers. Models
-    load once per worker process (Beam's Shared handle) and are shared by its
-    threads; GPU work is serialised per process by a lock while other threads
-    decode and encode. CPU annotators run on a thread pool beside GPU ones."""
+    load once per worker process (Beam's Shared handle) as a :class:`ModelPool`
+    of one annotator set per GPU the process drives; a shard checks out one
+    set, whose lock serialises its GPU work while other threads decode and
+    encode. CPU annotators run on a thread pool beside GPU ones."""
 
     def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
         from apache_beam.utils.shared import Shared
@@ -256,9 +258,9 @@ class ShardFn(beam.DoFn):
         from pipelines.options import parse_gate
 
         trace("shard_setup")
-        self.models = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
+        self.pool = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
         trace("shard_setup_models")
-        self.annotators = self.models.annotators
+        self.annotators = self.pool.annotators
         self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
         self.batch = beam_batch_size(self.opts)
         self.gates = [parse_gate(g) for g in self.opts.gates]
@@ -266,8 +268,16 @@ class ShardFn(beam.DoFn):
         self.fs, self.root = url_to_fs(self.opts.output)
 
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
-        index, digest, cands = item
-        trace("shard_start", shard=index, samples=len(cands))
+        # one GPU's annotator set for the whole shard (with --gpu-workers
+        # threads, the other shards in flight have the other GPUs)
+        with self.pool.checkout() as models:
+            self.models = models
+            self.annotators = models.annotators
+            summary = self._make_shard(*item)
+        yield summary
+
+    def _make_shard(self, index: int, digest: str, cands: list[Candidate]) -> ShardSummary:
+        trace("shard_start", shard=index, samples=len(cands), gpu=self.models.gpu_index)
         self._report_loading()
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
@@ -311,7 +321,7 @@ class ShardFn(beam.DoFn):
         trace("shard_commit", shard=index, written=summary.written)
         self.written.inc(summary.written)
         self.shards.inc()
-        yield summary
+        return summary
 
     def _report_loading(self) -> None:
         """Model-loading seconds as counters (``load_ms_<annotator>``), once
@@ -373,13 +383,15 @@ class LoadedAnnotators:
     """The annotators of one worker process, loaded once and shared, with the
     process's decode/encode threads."""
 
-    def __init__(self, opts: AnnotateOptions, cancel: threading.Event | None = None) -> None:
+    def __init__(self, opts: AnnotateOptions, cancel: threading.Event | None = None,
+                 gpu_index: int | None = None) -> None:
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         started = time.perf_counter()
-        trace("load_start")
-        gpu_index = claim_gpu(opts) if opts.gpus else None
+        trace("load_start", gpu=gpu_index)
+        #: the GPU these annotators run on (None: the annotators' own device)
+        self.gpu_index = gpu_index
         self.annotators = []
         for name, options in opts.annotators:
             options = dict(options)
@@ -394,7 +406,7 @@ class LoadedAnnotators:
             t0 = time.perf_counter()
             a.setup()
             self.load_ms[a.name] = int((time.perf_counter() - t0) * 1000)
-            trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000)
+            trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000, gpu=gpu_index)
         slow = sorted(self.load_ms.items(), key=lambda kv: -kv[1])
         log.info("process %d%s: annotators loaded in %.1f s (%s)", os.getpid(),
                  "" if gpu_index is None else f" (GPU {gpu_index})", time.perf_counter() - started,
@@ -426,6 +438,62 @@ class LoadedAnnotators:
         #: costliest first)
         self.costs: dict[str, float] = {}
 
+    def use_device(self) -> None:
+        """Make this set's GPU the calling thread's current CUDA device (a
+        shard's thread may drive another GPU for its next shard)."""
+        import sys
+
+        torch = sys.modules.get("torch")
+        if self.gpu_index is not None and torch is not None and torch.cuda.is_available():
+            torch.cuda.set_device(self.gpu_index)
+
+
+class ModelPool:
+    """The annotator sets one process drives, one per GPU: one set without
+    ``--gpus`` or with a worker process per GPU, one per GPU with
+    ``--gpu-workers threads``. A shard checks a set out for its whole
+    duration, so two shards never share a GPU; a shard with no free set
+    waits for one."""
+
+    def __init__(self, sets: list[LoadedAnnotators]) -> None:
+        import queue
+
+        if not sets:
+            raise ValueError("a model pool needs at least one annotator set")
+        self.sets = sets
+        self._free: "queue.Queue[LoadedAnnotators]" = queue.Queue()
+        for models in sets:
+            self._free.put(models)
+
+    @property
+    def annotators(self) -> list:
+        """The annotators of the first set (every set has the same ones)."""
+        return self.sets[0].annotators
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[LoadedAnnotators]:
+        models = self._free.get()
+        try:
+            models.use_device()
+            yield models
+        finally:
+            self._free.put(models)
+
+
+def load_models(opts: AnnotateOptions, cancel: threading.Event | None = None) -> ModelPool:
+    """This process's :class:`ModelPool`: with ``--gpu-workers threads`` one
+    set per GPU, loaded side by side (the second set costs little more than
+    the first: imports, weight files and CUDA set-up are shared or
+    concurrent); else one set, on this worker process's claimed GPU when
+    ``--gpus`` is given."""
+    if opts.gpus and opts.gpu_workers == "threads":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=opts.gpus, thread_name_prefix="controlset-load") as ex:
+            futures = [ex.submit(LoadedAnnotators, opts, cancel, i) for i in range(opts.gpus)]
+            return ModelPool([f.result() for f in futures])
+    return ModelPool([LoadedAnnotators(opts, cancel, claim_gpu(opts) if opts.gpus else None)])
+
 
 class _Preload:
     """Annotators loading on a background thread, cancellable between two
@@ -441,7 +509,7 @@ class _Preload:
 
     def _load(self, opts: AnnotateOptions) -> None:
         try:
-            self.future.set_result(LoadedAnnotators(opts, self.cancel))
+            self.future.set_result(load_models(opts, self.cancel))
         except BaseException as exc:  # re-raised where the models are taken
             self.future.set_exception(exc)
 
@@ -467,8 +535,8 @@ def _preload_key(opts: AnnotateOptions) -> tuple[str, str]:
     return opts.run_id, models_tag(opts)
 
 
-def loaded_annotators(opts: AnnotateOptions) -> "LoadedAnnotators":
-    """The preloaded annotators of ``opts`` (waiting for them if still
+def loaded_annotators(opts: AnnotateOptions) -> ModelPool:
+    """The preloaded models of ``opts`` (waiting for them if still
     loading), else freshly loaded ones. A preload that failed is dropped and
     the load tried again here, so the error (or a retry's success) is the
     caller's, as without preloading."""
@@ -482,7 +550,7 @@ def loaded_annotators(opts: AnnotateOptions) -> "LoadedAnnotators":
             with _PRELOAD_LOCK:
                 if _PRELOADS.get(key) is preload:
                     del _PRELOADS[key]
-    return LoadedAnnotators(opts)
+    return load_models(opts)
 
 
 def discard_preloads(run_id: str, wait: float = 30.0) -> None:

@@ -15,7 +15,15 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
 from annotators import create_annotator
-from pipelines.beam import NS, build_pipeline, discard_preloads, pipeline_options, trace, write_input_list
+from pipelines.beam import (
+    NS,
+    build_pipeline,
+    discard_preloads,
+    pipeline_options,
+    preload_annotators,
+    trace,
+    write_input_list,
+)
 from pipelines.finalize import STATS_FILE
 from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
@@ -66,8 +74,10 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     if opts.gpus:
         if not any(a.startswith("--runner") for a in beam_args) and not any(
                 a.startswith("--direct_running_mode") for a in beam_args):
-            # One worker process per GPU; each claims its own GPU.
-            beam_args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={opts.gpus}"]
+            # One worker per GPU: a process each (each claims its own GPU),
+            # or a thread each in this process (each shard checks out a GPU).
+            mode = "multi_threading" if opts.gpu_workers == "threads" else "multi_processing"
+            beam_args += [f"--direct_running_mode={mode}", f"--direct_num_workers={opts.gpus}"]
     fingerprint = opts.fingerprint(descriptions)
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
@@ -81,6 +91,10 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     p = beam.Pipeline(options=pipeline_options(beam_args))
     input_list = write_input_list(fs, root, opts.run_id, refs)
     try:
+        if runs_in_this_process(beam_args):
+            # The workers are this process: start loading the models now, so
+            # loading overlaps Beam's start-up as well as the planning stages.
+            preload_annotators(opts)
         build_pipeline(p, opts, input_list, len(refs), fingerprint, run_info)
         trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
         result = p.run()
@@ -102,10 +116,24 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     return stats
 
 
+def runs_in_this_process(beam_args: list[str]) -> bool:
+    """Whether the pipeline's workers run in this process: the DirectRunner
+    in memory or with worker threads (not worker processes, not a remote
+    runner)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    options = pipeline_options(beam_args)
+    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    mode = options.view_as(DirectOptions).direct_running_mode
+    return runner in ("DirectRunner", "direct") and mode != "multi_processing"
+
+
 def local_workers(beam_args: list[str]) -> int:
-    """Worker processes of a local multi-processing DirectRunner run (else 1)."""
+    """Workers (processes or threads) of a local multi-worker DirectRunner
+    run (else 1): the machine's cores are shared among them."""
     workers = 1
-    if "--direct_running_mode=multi_processing" in beam_args:
+    if any(a in beam_args for a in ("--direct_running_mode=multi_processing",
+                                    "--direct_running_mode=multi_threading")):
         for a in beam_args:
             if a.startswith("--direct_num_workers="):
                 workers = max(1, int(a.split("=", 1)[1]))
