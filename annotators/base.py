@@ -93,6 +93,12 @@ class Annotator:
     def setup(self) -> None:
         """Load models or other expensive state. Safe to call more than once."""
 
+    def import_code(self) -> None:
+        """Import the code :meth:`setup` runs (torch, the network's module),
+        without reading weights or touching a device. Importing is most of
+        a fresh process's start-up and holds the interpreter lock; a
+        pipeline imports first, then loads weights while it reads inputs."""
+
     def preflight(self) -> None:
         """Cheap checks before a run starts (e.g. that weight files exist), so
         a missing file fails in one line before any data is read. Raises

@@ -243,6 +243,10 @@ class Caption(Annotator):
 
         preflight_pretrained(resolve_model_name(self._options["model"], CAPTION_MODELS), what="caption model")
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoProcessor, BlipForConditionalGeneration  # noqa: F401
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

@@ -340,6 +340,10 @@ class _MidasBase(Annotator):
 
         preflight_pretrained(resolve_model_name(self._options["model"], DEPTH_MODELS), what="depth model")
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation  # noqa: F401
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

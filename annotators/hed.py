@@ -149,10 +149,19 @@ class HED(Annotator):
     def preflight(self) -> None:
         W.locate([HED_FILE], self._options["weights"])
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+
+        from annotators._aux import aux_module
+
+        aux_module("hed")
+
     def setup(self) -> None:
         if self._net is not None:
             return
-        from controlnet_aux.hed import ControlNetHED_Apache2
+        from annotators._aux import aux_module
+
+        ControlNetHED_Apache2 = aux_module("hed").ControlNetHED_Apache2
 
         self._net, self._device, self._dtype = W.load_network(ControlNetHED_Apache2, HED_FILE, self._options)
 

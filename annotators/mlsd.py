@@ -117,10 +117,19 @@ class MLSD(Annotator):
     def preflight(self) -> None:
         W.locate([MLSD_FILE], self._options["weights"])
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+
+        from annotators._aux import aux_module
+
+        aux_module("mlsd.models.mbv2_mlsd_large")
+
     def setup(self) -> None:
         if self._net is not None:
             return
-        from controlnet_aux.mlsd.models.mbv2_mlsd_large import MobileV2_MLSD_Large
+        from annotators._aux import aux_module
+
+        MobileV2_MLSD_Large = aux_module("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large
 
         self._net, self._device, self._dtype = W.load_network(MobileV2_MLSD_Large, MLSD_FILE, self._options)
 

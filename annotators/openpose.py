@@ -604,12 +604,23 @@ class OpenPose(Annotator):
             files.append(FACE_FILE)
         return files
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+
+        from annotators._aux import aux_module
+
+        aux_module("open_pose.model")
+        if self._options["face"]:
+            aux_module("open_pose.face")
+
     def setup(self) -> None:
         if self._body is not None:
             return
-        from controlnet_aux.open_pose.model import bodypose_model, handpose_model
-
+        from annotators._aux import aux_module
         from annotators._torch import resolve_device, resolve_precision
+
+        model = aux_module("open_pose.model")
+        bodypose_model, handpose_model = model.bodypose_model, model.handpose_model
 
         paths = W.locate(self.required_files(), self._options["weights"])
         self._device = resolve_device(self._options["device"])
@@ -627,7 +638,7 @@ class OpenPose(Annotator):
 
         self._hand = build(handpose_model(), HAND_FILE, True) if self._options["hands"] else None
         if self._options["face"]:
-            from controlnet_aux.open_pose.face import FaceNet
+            FaceNet = aux_module("open_pose.face").FaceNet
 
             self._face = build(FaceNet(), FACE_FILE, False)
         else:

@@ -273,6 +273,10 @@ class Seg(Annotator):
 
         preflight_pretrained(resolve_model_name(self._options["model"], SEG_MODELS), what="segmentation model")
 
+    def import_code(self) -> None:
+        import torch  # noqa: F401
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation  # noqa: F401
+
     def setup(self) -> None:
         if getattr(self, "_model", None) is None:
             o = self._options

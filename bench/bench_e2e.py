@@ -8,7 +8,7 @@ utilisation sampled with nvidia-smi, and each annotator's share of time.
 
     python bench/bench_e2e.py --images 2000              # one GPU
     python bench/bench_e2e.py --images 2000 --gpus 2     # a worker process per GPU
-    python bench/bench_e2e.py --images 4000 --gpus 2 --modes one,processes,threads
+    python bench/bench_e2e.py --images 4000 --gpus 2 --modes one,processes
     python bench/bench_e2e.py --smoke                    # tiny CPU check
 
 Each pipeline runs in a fresh Python process, as ``controlset annotate``
@@ -212,7 +212,7 @@ def reference_chain(models: dict, images: list[np.ndarray], device: str) -> floa
     return len(images) / (time.perf_counter() - t0)
 
 
-MODES = ("one", "processes", "threads")
+MODES = ("one", "processes")
 
 
 def run_child(spec: dict) -> dict:
@@ -250,7 +250,6 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dic
         "inputs": [str(work / "in")], "output": str(out),
         "annotators": [(n, models[n]) for n in names],
         "resolution": args.resolution, "shard_size": args.shard_size, "gpus": gpus,
-        "gpu_workers": "threads" if mode == "threads" else "processes",
         "min_size": min(256, args.side), "gpu_threads": args.gpu_threads,
     }
     beam_args: list[str] = []
@@ -312,11 +311,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--side", type=int, default=576, help="short side of the input JPEGs")
     ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--gpus", type=int, default=0, help="GPUs of the 'processes' and 'threads' modes")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs of the 'processes' mode")
     ap.add_argument("--modes", default=None,
                     help="pipeline runs on the same inputs, in order, from: one (one GPU, in process), "
-                         "processes (--gpus N, a worker process per GPU), threads (--gpus N, --gpu-workers "
-                         "threads); default: one, or processes with --gpus")
+                         "processes (--gpus N, a worker process per GPU); default: one, or processes with --gpus")
     ap.add_argument("--threads", type=int, default=0,
                     help="mode one: DirectRunner threads (0: in process; each worker already decodes and "
                          "encodes on its own thread pool while the GPU works)")

@@ -16,14 +16,13 @@ of resume, and no image or encoded sample crosses between workers.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import dataclasses
 import json
 import logging
 import posixpath
 import threading
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import apache_beam as beam
 import fsspec
@@ -145,6 +144,7 @@ class ProbeFn(beam.DoFn):
 
         trace("probe_setup")
         preload_annotators(self.opts)
+        settle_imports(self.opts)
         self._pool = ThreadPoolExecutor(max_workers=self.opts.io_threads or default_threads(),
                                         thread_name_prefix="controlset-probe")
 
@@ -234,10 +234,9 @@ class ShardFn(beam.DoFn):
 
     A shard is the unit of work (and of resume): its samples never leave the
     worker, so no image or encoded sample is shuffled between workers. Models
-    load once per worker process (Beam's Shared handle) as a :class:`ModelPool`
-    of one annotator set per GPU the process drives; a shard checks out one
-    set, whose lock serialises its GPU work while other threads decode and
-    encode. CPU annotators run on a thread pool beside GPU ones."""
+    load once per worker process (Beam's Shared handle) and are shared by its
+    threads; GPU work is serialised per process by a lock while other threads
+    decode and encode. CPU annotators run on a thread pool beside GPU ones."""
 
     def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
         from apache_beam.utils.shared import Shared
@@ -258,9 +257,9 @@ class ShardFn(beam.DoFn):
         from pipelines.options import parse_gate
 
         trace("shard_setup")
-        self.pool = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
+        self.models = self._shared.acquire(lambda: loaded_annotators(self.opts), tag=self._tag)
         trace("shard_setup_models")
-        self.annotators = self.pool.annotators
+        self.annotators = self.models.annotators
         self.batch_sizes = annotator_batch_sizes(self.opts, self.annotators)
         self.batch = beam_batch_size(self.opts)
         self.gates = [parse_gate(g) for g in self.opts.gates]
@@ -268,16 +267,8 @@ class ShardFn(beam.DoFn):
         self.fs, self.root = url_to_fs(self.opts.output)
 
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
-        # one GPU's annotator set for the whole shard (with --gpu-workers
-        # threads, the other shards in flight have the other GPUs)
-        with self.pool.checkout() as models:
-            self.models = models
-            self.annotators = models.annotators
-            summary = self._make_shard(*item)
-        yield summary
-
-    def _make_shard(self, index: int, digest: str, cands: list[Candidate]) -> ShardSummary:
-        trace("shard_start", shard=index, samples=len(cands), gpu=self.models.gpu_index)
+        index, digest, cands = item
+        trace("shard_start", shard=index, samples=len(cands))
         self._report_loading()
         name = shard_name(self.opts.prefix, index)
         writer = ShardWriter(self.fs, self.root, name)
@@ -321,7 +312,7 @@ class ShardFn(beam.DoFn):
         trace("shard_commit", shard=index, written=summary.written)
         self.written.inc(summary.written)
         self.shards.inc()
-        return summary
+        yield summary
 
     def _report_loading(self) -> None:
         """Model-loading seconds as counters (``load_ms_<annotator>``), once
@@ -384,20 +375,25 @@ class LoadedAnnotators:
     process's decode/encode threads."""
 
     def __init__(self, opts: AnnotateOptions, cancel: threading.Event | None = None,
-                 gpu_index: int | None = None) -> None:
+                 imported: threading.Event | None = None) -> None:
         import os
         from concurrent.futures import ThreadPoolExecutor
 
         started = time.perf_counter()
-        trace("load_start", gpu=gpu_index)
-        #: the GPU these annotators run on (None: the annotators' own device)
-        self.gpu_index = gpu_index
+        trace("load_start")
+        gpu_index = claim_gpu(opts) if opts.gpus else None
         self.annotators = []
         for name, options in opts.annotators:
             options = dict(options)
             if gpu_index is not None and "device" in get_annotator_class(name).option_names():
                 options["device"] = f"cuda:{gpu_index}"
             self.annotators.append(create_annotator(name, **options))
+        # The code first (set ``imported`` after it), then weights and devices.
+        for a in self.annotators:
+            a.import_code()
+        trace("imported", seconds=round(time.perf_counter() - started, 3))
+        if imported is not None:
+            imported.set()
         #: milliseconds each annotator took to load, not yet counted
         self.load_ms: dict[str, int] = {}
         for a in self.annotators:
@@ -406,7 +402,7 @@ class LoadedAnnotators:
             t0 = time.perf_counter()
             a.setup()
             self.load_ms[a.name] = int((time.perf_counter() - t0) * 1000)
-            trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000, gpu=gpu_index)
+            trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000)
         slow = sorted(self.load_ms.items(), key=lambda kv: -kv[1])
         log.info("process %d%s: annotators loaded in %.1f s (%s)", os.getpid(),
                  "" if gpu_index is None else f" (GPU {gpu_index})", time.perf_counter() - started,
@@ -438,62 +434,6 @@ class LoadedAnnotators:
         #: costliest first)
         self.costs: dict[str, float] = {}
 
-    def use_device(self) -> None:
-        """Make this set's GPU the calling thread's current CUDA device (a
-        shard's thread may drive another GPU for its next shard)."""
-        import sys
-
-        torch = sys.modules.get("torch")
-        if self.gpu_index is not None and torch is not None and torch.cuda.is_available():
-            torch.cuda.set_device(self.gpu_index)
-
-
-class ModelPool:
-    """The annotator sets one process drives, one per GPU: one set without
-    ``--gpus`` or with a worker process per GPU, one per GPU with
-    ``--gpu-workers threads``. A shard checks a set out for its whole
-    duration, so two shards never share a GPU; a shard with no free set
-    waits for one."""
-
-    def __init__(self, sets: list[LoadedAnnotators]) -> None:
-        import queue
-
-        if not sets:
-            raise ValueError("a model pool needs at least one annotator set")
-        self.sets = sets
-        self._free: "queue.Queue[LoadedAnnotators]" = queue.Queue()
-        for models in sets:
-            self._free.put(models)
-
-    @property
-    def annotators(self) -> list:
-        """The annotators of the first set (every set has the same ones)."""
-        return self.sets[0].annotators
-
-    @contextlib.contextmanager
-    def checkout(self) -> Iterator[LoadedAnnotators]:
-        models = self._free.get()
-        try:
-            models.use_device()
-            yield models
-        finally:
-            self._free.put(models)
-
-
-def load_models(opts: AnnotateOptions, cancel: threading.Event | None = None) -> ModelPool:
-    """This process's :class:`ModelPool`: with ``--gpu-workers threads`` one
-    set per GPU, loaded side by side (the second set costs little more than
-    the first: imports, weight files and CUDA set-up are shared or
-    concurrent); else one set, on this worker process's claimed GPU when
-    ``--gpus`` is given."""
-    if opts.gpus and opts.gpu_workers == "threads":
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=opts.gpus, thread_name_prefix="controlset-load") as ex:
-            futures = [ex.submit(LoadedAnnotators, opts, cancel, i) for i in range(opts.gpus)]
-            return ModelPool([f.result() for f in futures])
-    return ModelPool([LoadedAnnotators(opts, cancel, claim_gpu(opts) if opts.gpus else None)])
-
 
 class _Preload:
     """Annotators loading on a background thread, cancellable between two
@@ -504,14 +444,18 @@ class _Preload:
 
         self.future: Future = Future()
         self.cancel = threading.Event()
+        #: set once the annotators' code is imported (or loading failed)
+        self.imported = threading.Event()
         self.thread = threading.Thread(target=self._load, args=(opts,), name="controlset-preload", daemon=True)
         self.thread.start()
 
     def _load(self, opts: AnnotateOptions) -> None:
         try:
-            self.future.set_result(load_models(opts, self.cancel))
+            self.future.set_result(LoadedAnnotators(opts, self.cancel, self.imported))
         except BaseException as exc:  # re-raised where the models are taken
             self.future.set_exception(exc)
+        finally:
+            self.imported.set()
 
 
 _PRELOADS: dict[str, _Preload] = {}
@@ -530,13 +474,33 @@ def preload_annotators(opts: AnnotateOptions) -> None:
             _PRELOADS[key] = _Preload(opts)
 
 
+def settle_imports(opts: AnnotateOptions) -> None:
+    """With local inputs, wait until this process's preload has imported the
+    annotators' code; weights then load while the inputs are probed.
+
+    Importing torch, transformers and the networks' modules is seconds of
+    Python that holds the interpreter lock, and so is probing local files:
+    run side by side, each keeps stealing the lock from the other and both
+    finish later than one after the other would (3000 local JPEGs: 0.8 s
+    alone, 4.1 s beside the imports, which took 5.7 s instead of 4.1).
+    Loading weights and setting up the GPU mostly release the lock, so they
+    do overlap the probing. Remote inputs are probed on threads that mostly
+    wait for the network: there the imports run beside them."""
+    if any(_is_remote(i) for i in opts.inputs):
+        return
+    with _PRELOAD_LOCK:
+        preload = _PRELOADS.get(_preload_key(opts))
+    if preload is not None:
+        preload.imported.wait()
+
+
 def _preload_key(opts: AnnotateOptions) -> tuple[str, str]:
     # per run: two runs in one process never share (or cancel) a preload
     return opts.run_id, models_tag(opts)
 
 
-def loaded_annotators(opts: AnnotateOptions) -> ModelPool:
-    """The preloaded models of ``opts`` (waiting for them if still
+def loaded_annotators(opts: AnnotateOptions) -> "LoadedAnnotators":
+    """The preloaded annotators of ``opts`` (waiting for them if still
     loading), else freshly loaded ones. A preload that failed is dropped and
     the load tried again here, so the error (or a retry's success) is the
     caller's, as without preloading."""
@@ -550,7 +514,7 @@ def loaded_annotators(opts: AnnotateOptions) -> ModelPool:
             with _PRELOAD_LOCK:
                 if _PRELOADS.get(key) is preload:
                     del _PRELOADS[key]
-    return load_models(opts)
+    return LoadedAnnotators(opts)
 
 
 def discard_preloads(run_id: str, wait: float = 30.0) -> None:

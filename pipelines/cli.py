@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 
-from pipelines.options import GPU_WORKERS
 from schemas.errors import UsageError
 from schemas.files import read_yaml_mapping
 
@@ -125,7 +124,6 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             annotator_batch_sizes=_annotator_batches(args.annotator_batch or []),
             gates=tuple(args.gate or []) + tuple(config.get("gates") or []),
             gpus=_gpu_count(args.gpus),
-            gpu_workers=args.gpu_workers,
             near_duplicates=args.near_duplicates,
             reduced_jpeg_decode=not args.full_jpeg_decode,
             io_threads=args.io_threads,
@@ -255,10 +253,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="threads per worker that share the CPU annotators' images (Canny, Hough) while the "
                    "GPU works (default: half the CPUs per local worker, 2 to 8)")
     p.add_argument("--gpus", default=None, metavar="N|all",
-                   help="one worker per GPU on this host (DirectRunner), none sharing a GPU")
-    p.add_argument("--gpu-workers", default="processes", choices=GPU_WORKERS,
-                   help="with --gpus: a worker process per GPU (default), or one process with a worker thread "
-                        "per GPU (models load once per GPU in this process, while the inputs are probed)")
+                   help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="default: bf16 on GPU, fp32 on CPU")
     p.set_defaults(func=cmd_annotate, passthrough=True)

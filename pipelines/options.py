@@ -12,8 +12,6 @@ from schemas.codec import JPEG_QUALITY
 from schemas.sample import SCHEMA_VERSION
 
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
-#: how ``--gpus N`` drives its GPUs on one host (``--gpu-workers``)
-GPU_WORKERS = ("processes", "threads")
 
 
 @dataclass(frozen=True)
@@ -40,10 +38,7 @@ class AnnotateOptions:
     io_threads: int = 0  # decode/encode threads per worker process; 0: half the CPUs per local worker, 2 to 8
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
     cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: as io_threads
-    gpus: int = 0  # >0: one worker per GPU, none sharing a GPU
-    #: with ``gpus``: "processes" (a worker process per GPU) or "threads"
-    #: (one process driving every GPU, a worker thread per GPU)
-    gpu_workers: str = "processes"
+    gpus: int = 0  # >0: one worker process per GPU, each claiming its own
     run_id: str = ""  # distinguishes concurrent runs (GPU claims, preloaded models); set per run
     jpeg_quality: int = JPEG_QUALITY
     #: decode large JPEGs at a reduced DCT scale when their crop keeps at
@@ -56,8 +51,6 @@ class AnnotateOptions:
             raise ValueError(f"io threads must be >= 0, got {self.io_threads}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu threads must be >= 0, got {self.cpu_threads}")
-        if self.gpu_workers not in GPU_WORKERS:
-            raise ValueError(f"gpu workers must be one of {', '.join(GPU_WORKERS)}, got {self.gpu_workers!r}")
         if self.gpu_threads < 1:
             raise ValueError(f"gpu threads must be >= 1, got {self.gpu_threads}")
         if self.resolution < 64 or self.resolution % 8:

@@ -21,6 +21,7 @@ from pipelines.beam import (
     discard_preloads,
     pipeline_options,
     preload_annotators,
+    settle_imports,
     trace,
     write_input_list,
 )
@@ -74,10 +75,10 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     if opts.gpus:
         if not any(a.startswith("--runner") for a in beam_args) and not any(
                 a.startswith("--direct_running_mode") for a in beam_args):
-            # One worker per GPU: a process each (each claims its own GPU),
-            # or a thread each in this process (each shard checks out a GPU).
-            mode = "multi_threading" if opts.gpu_workers == "threads" else "multi_processing"
-            beam_args += [f"--direct_running_mode={mode}", f"--direct_num_workers={opts.gpus}"]
+            # One worker process per GPU; each claims its own GPU. (One
+            # process driving every GPU from threads measured slower: the
+            # workers' Python work then shares one GIL; BENCHMARKS.md.)
+            beam_args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={opts.gpus}"]
     fingerprint = opts.fingerprint(descriptions)
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
@@ -95,6 +96,7 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
             # The workers are this process: start loading the models now, so
             # loading overlaps Beam's start-up as well as the planning stages.
             preload_annotators(opts)
+            settle_imports(opts)
         build_pipeline(p, opts, input_list, len(refs), fingerprint, run_info)
         trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
         result = p.run()
@@ -129,11 +131,9 @@ def runs_in_this_process(beam_args: list[str]) -> bool:
 
 
 def local_workers(beam_args: list[str]) -> int:
-    """Workers (processes or threads) of a local multi-worker DirectRunner
-    run (else 1): the machine's cores are shared among them."""
+    """Worker processes of a local multi-processing DirectRunner run (else 1)."""
     workers = 1
-    if any(a in beam_args for a in ("--direct_running_mode=multi_processing",
-                                    "--direct_running_mode=multi_threading")):
+    if "--direct_running_mode=multi_processing" in beam_args:
         for a in beam_args:
             if a.startswith("--direct_num_workers="):
                 workers = max(1, int(a.split("=", 1)[1]))

@@ -358,7 +358,7 @@ def test_models_preload_in_the_background_once_and_can_be_cancelled(monkeypatch)
     models = pb.loaded_annotators(opts)
     assert pb.loaded_annotators(opts) is models  # taken, not loaded again
     assert first.setups == ["preload_a_test"] and second.setups == ["preload_b_test"]
-    assert [set(m.load_ms) for m in models.sets] == [{"preload_a_test", "preload_b_test"}]
+    assert set(models.load_ms) == {"preload_a_test", "preload_b_test"}
     pb.discard_preloads("another-run")  # another run's end leaves this run's preload alone
     assert pb.loaded_annotators(opts) is models
     pb.discard_preloads(opts.run_id)

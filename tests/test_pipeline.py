@@ -315,54 +315,6 @@ def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path):
     assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "single")
 
 
-def test_gpu_worker_threads_give_identical_shards_one_set_per_worker(photos_dir, tmp_path, monkeypatch):
-    """--gpus 2 --gpu-workers threads: one process loads an annotator set
-    per GPU, and each shard checks one out for its whole duration, so two
-    shards never share a set (a GPU), while both sets are used."""
-    import threading
-
-    import pipelines.beam as pb
-
-    annotate([photos_dir], tmp_path / "single", shard_size=2)
-    real_checkout = pb.ModelPool.checkout
-    lock = threading.Lock()
-    busy: set[int] = set()
-    seen: list[int | None] = []
-    pools: list[int] = []
-
-    def checkout(self):
-        cm = real_checkout(self)
-        models = cm.__enter__()
-        with lock:
-            assert id(models) not in busy, "two shards on one annotator set"
-            busy.add(id(models))
-            seen.append(models.gpu_index)
-            pools.append(len(self.sets))
-
-        class _Exit:
-            def __enter__(self_inner):
-                return models
-
-            def __exit__(self_inner, *exc):
-                with lock:
-                    busy.discard(id(models))
-                return cm.__exit__(*exc)
-
-        return _Exit()
-
-    monkeypatch.setattr(pb.ModelPool, "checkout", checkout)
-    stats = annotate([photos_dir], tmp_path / "threads", shard_size=2, gpus=2, gpu_workers="threads")
-    assert stats["written"] == 6
-    assert tree_bytes(tmp_path / "threads") == tree_bytes(tmp_path / "single")
-    assert len(seen) == stats["shards"] == 3
-    assert set(pools) == {2} and set(seen) <= {0, 1}
-
-
-def test_gpu_workers_must_be_known():
-    with pytest.raises(ValueError, match="gpu workers"):
-        AnnotateOptions(inputs=("x",), output="y", gpus=2, gpu_workers="fibres")
-
-
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
