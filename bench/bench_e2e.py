@@ -222,7 +222,10 @@ def run_child(spec: dict) -> dict:
     spec_file = Path(spec["work"]) / "child-spec.json"
     spec_file.write_text(json.dumps(spec))
     env = dict(os.environ, CONTROLSET_TRACE=spec["trace"])
-    proc = subprocess.run([sys.executable, __file__, "--child", str(spec_file)], env=env)
+    # a baseline checkout runs from its own folder: Beam's worker processes
+    # (python -m ...) put their working folder first on their path
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_file)], env=env,
+                          cwd=spec.get("code") or None)
     if proc.returncode != 0:
         raise RuntimeError(f"pipeline process exited with {proc.returncode}")
     return json.loads(Path(spec["result"]).read_text())
@@ -230,19 +233,27 @@ def run_child(spec: dict) -> dict:
 
 def child_main(spec_file: str) -> None:
     """The pipeline process of :func:`run_child`."""
-    from pipelines.options import AnnotateOptions
-    from pipelines.run import run_annotate
-
     spec = json.loads(Path(spec_file).read_text())
+    if spec.get("code"):
+        # another checkout's pipeline (a baseline), ahead of this one, here
+        # and in the worker processes Beam starts (they inherit the variable)
+        sys.path.insert(0, spec["code"])
+        os.environ["PYTHONPATH"] = os.pathsep.join([spec["code"]] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     kw = spec["opts"]
     kw["inputs"] = tuple(kw["inputs"])
     kw["annotators"] = tuple((n, o) for n, o in kw["annotators"])
+    from pipelines.options import AnnotateOptions
+    from pipelines.run import run_annotate
+
     stats = run_annotate(AnnotateOptions(**kw), spec["beam_args"])
     Path(spec["result"]).write_text(json.dumps(stats))
 
 
-def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dict:
-    """One pipeline run in ``mode``: its figures and timeline."""
+def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: str | None = None,
+             label: str | None = None) -> dict:
+    """One pipeline run in ``mode`` (with the pipeline code of the checkout
+    ``code``, default this one): its figures and timeline."""
+    label = label or mode
     out = work / f"out-{mode}"
     shutil.rmtree(out, ignore_errors=True)
     gpus = args.gpus if mode != "one" else 0
@@ -261,7 +272,7 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dic
     trace_file = work / f"trace-{mode}.jsonl"
     trace_file.unlink(missing_ok=True)
     spec = {"opts": opts, "beam_args": beam_args, "work": str(work), "trace": str(trace_file),
-            "result": str(work / f"result-{mode}.json")}
+            "result": str(work / f"result-{mode}.json"), "code": code}
     with GpuSampler() as gpu:
         start_epoch = time.time()
         t0 = time.perf_counter()
@@ -274,12 +285,12 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dic
     # model loading, summed over workers (they load side by side)
     loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
     timeline = read_timeline(trace_file, start_epoch)
-    print(f"[{mode}] timeline (seconds from the start of the pipeline process):", flush=True)
+    print(f"[{label}] timeline (seconds from the start of the pipeline process):", flush=True)
     for row in timeline:
         print("  " + json.dumps(row), flush=True)
     total_ms = sum(ms.values()) or 1
     result = {
-        "mode": mode, "gpus": gpus or 1, "beam_args": beam_args,
+        "mode": mode, "label": label, "code": code or "this checkout", "gpus": gpus or 1, "beam_args": beam_args,
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
         # the whole `controlset annotate` process: interpreter start, imports,
         # Beam start-up, model loading, graph capture, every shard
@@ -298,7 +309,7 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict) -> dic
         "commit_seconds": commit_times(out, start_epoch),
         "timeline": timeline,
     }
-    print(f"[{mode}] pipeline:", json.dumps({k: v for k, v in result.items() if k != "timeline"}), flush=True)
+    print(f"[{label}] pipeline:", json.dumps({k: v for k, v in result.items() if k != "timeline"}), flush=True)
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -327,6 +338,10 @@ def main(argv=None) -> dict:
                     help="mode one: N worker processes on the one GPU, each with its own models")
     ap.add_argument("--gpu-threads", type=int, default=2,
                     help="GPU annotators side by side per worker (the pipeline's --gpu-threads)")
+    ap.add_argument("--baseline-code", default=None, metavar="DIR",
+                    help="another checkout of the project: each mode also runs with its pipeline, "
+                         "alternating with this one's (baseline, current, baseline, current, ...)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per mode (and per checkout)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     args = ap.parse_args(argv)
@@ -348,7 +363,14 @@ def main(argv=None) -> dict:
     write_inputs(work / "in", args.images, args.side)
     setup_s = time.perf_counter() - t0
     names = [n for n in args.annotators.split(",") if n]
-    runs = {m: run_mode(m, args, work, names, models) for m in modes}
+    runs = {}
+    for m in modes:
+        for r in range(args.repeat):
+            if args.baseline_code:
+                label = f"{m}@baseline#{r + 1}"
+                runs[label] = run_mode(m, args, work, names, models, str(Path(args.baseline_code).resolve()), label)
+            label = f"{m}#{r + 1}" if args.repeat > 1 or args.baseline_code else m
+            runs[label] = run_mode(m, args, work, names, models, None, label)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
     try:
@@ -379,7 +401,7 @@ def main(argv=None) -> dict:
     print(json.dumps(summary, indent=2), flush=True)
     print("summary:", flush=True)
     for m, r in runs.items():
-        print(f"  {m:9s} gpus {r['gpus']}: {r['images_per_s']:7.1f} img/s wall ({r['process_seconds']:.1f} s), "
+        print(f"  {m:20s} gpus {r['gpus']}: {r['images_per_s']:7.1f} img/s wall ({r['process_seconds']:.1f} s), "
               f"steady {r['steady_images_per_s']}, first commit "
               f"{r['commit_seconds'][0] if r['commit_seconds'] else None} s, gpu {r['gpu']}", flush=True)
     print(f"  reference chain: {ref_rate:.3f} img/s", flush=True)
