@@ -1,71 +1,63 @@
-"""Import one of controlnet-aux's network modules without running its
-packages' ``__init__``.
+"""controlnet-aux's network modules, imported on their own.
 
 ``import controlnet_aux`` imports every detector the package has (Anyline,
 LeReS, ZoeDepth, SAM, mediapipe's face mesh, ...), and with them timm,
-torchvision's detection models and torch's compiler stack: about 2 s on a
-development machine and 8 s in a fresh process on a GPU host, paid by every
-worker process before its first shard. The networks used here live in files
-that need little more than torch, so only those files are imported.
+skimage and torchvision's detection models: about 2 s on a development
+machine and several seconds more in a fresh worker process on a GPU host,
+paid by every worker before its first shard. The networks used here live in
+files that need little more than torch, so only those files are imported.
+
+They are imported under a private package name (:data:`PRIVATE`) whose
+package modules point at controlnet-aux's folders but never run their
+``__init__``. ``controlnet_aux`` itself is left alone: importing it, or any
+of its modules, elsewhere in the process works as always (and gets its own
+copies of the classes; weights load through ``state_dict``, so which copy a
+network is built from makes no difference). The networks' classes are not
+picklable by reference in another process; nothing here pickles them.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import threading
 from types import ModuleType
-from typing import Any
 
-_LOCK = threading.RLock()
+#: The private package that controlnet-aux's files are imported under.
+PRIVATE = "_controlset_controlnet_aux"
+
+_LOCK = threading.Lock()
+_DONE: dict[str, ModuleType] = {}
 
 
 def aux_module(name: str) -> ModuleType:
-    """The module ``controlnet_aux.<name>`` (e.g. ``"open_pose.model"``),
-    imported without executing the packages above it.
-
-    Each parent package not yet imported is registered as a deferred
-    package: the real module object with its search path, whose ``__init__``
-    runs the first time anything other than an imported submodule is asked
-    of it (``from controlnet_aux import HEDdetector`` works as always, and
-    finds this module already imported)."""
-    full = f"controlnet_aux.{name}"
-    module = sys.modules.get(full)
-    if module is not None:
-        return module
+    """controlnet-aux's module ``name`` (e.g. ``"hed"``, ``"open_pose.model"``,
+    ``"mlsd.models.mbv2_mlsd_large"``), imported without the ``__init__`` of
+    the packages above it. Thread-safe: a module is returned only once it is
+    fully imported."""
     with _LOCK:
-        parts = full.split(".")
-        for i in range(1, len(parts)):
-            package = ".".join(parts[:i])
-            if package in sys.modules:
-                continue
-            # the parent is in sys.modules already, so finding this spec
-            # imports nothing
-            spec = importlib.util.find_spec(package)
-            if spec is None or spec.submodule_search_locations is None:
-                raise ImportError(f"controlnet-aux is not installed (no package {package!r}); "
-                                  "pip install controlnet-aux")
-            module = sys.modules[package] = _deferred_package(spec)
-            if i > 1:  # as the import system binds a submodule to its parent
-                setattr(sys.modules[".".join(parts[:i - 1])], parts[i - 1], module)
-        return importlib.import_module(full)
+        module = _DONE.get(name)
+        if module is None:
+            module = _DONE[name] = _import(name)
+        return module
 
 
-def _deferred_package(spec) -> ModuleType:
-    """A package module whose ``__init__`` has not run yet; the first lookup
-    of a name it lacks runs it (PEP 562 module ``__getattr__``)."""
-    module = importlib.util.module_from_spec(spec)
-    state = {"ran": False}
-
-    def __getattr__(attr: str) -> Any:
-        with _LOCK:
-            if state["ran"]:
-                raise AttributeError(f"module {spec.name!r} has no attribute {attr!r}")
-            state["ran"] = True
-            del module.__dict__["__getattr__"]
-            spec.loader.exec_module(module)
-        return getattr(module, attr)
-
-    module.__getattr__ = __getattr__
-    return module
+def _import(name: str) -> ModuleType:
+    spec = importlib.util.find_spec("controlnet_aux")  # finds the folder; runs nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("controlnet-aux is not installed; pip install controlnet-aux")
+    root = list(spec.submodule_search_locations)[0]
+    parts = name.split(".")
+    for i in range(len(parts)):
+        package = ".".join([PRIVATE, *parts[:i]])
+        if package not in sys.modules:
+            # a package module that is never executed: only its search path,
+            # so the import system finds the files (and relative imports
+            # inside them resolve) under the private name
+            stand_in = ModuleType(package)
+            stand_in.__path__ = [os.path.join(root, *parts[:i])]
+            stand_in.__package__ = package
+            sys.modules[package] = stand_in
+    return importlib.import_module(f"{PRIVATE}.{name}")

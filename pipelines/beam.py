@@ -474,7 +474,12 @@ def preload_annotators(opts: AnnotateOptions) -> None:
             _PRELOADS[key] = _Preload(opts)
 
 
-def settle_imports(opts: AnnotateOptions) -> None:
+#: The longest the probe stage waits for the annotators' imports (an
+#: optimisation only: past this it goes on beside them).
+IMPORT_WAIT_S = 300.0
+
+
+def settle_imports(opts: AnnotateOptions, timeout: float = IMPORT_WAIT_S) -> bool:
     """With local inputs, wait until this process's preload has imported the
     annotators' code; weights then load while the inputs are probed.
 
@@ -485,13 +490,17 @@ def settle_imports(opts: AnnotateOptions) -> None:
     alone, 4.1 s beside the imports, which took 5.7 s instead of 4.1).
     Loading weights and setting up the GPU mostly release the lock, so they
     do overlap the probing. Remote inputs are probed on threads that mostly
-    wait for the network: there the imports run beside them."""
+    wait for the network: there the imports run beside them. Returns whether
+    it waited."""
     if any(_is_remote(i) for i in opts.inputs):
-        return
+        return False
     with _PRELOAD_LOCK:
         preload = _PRELOADS.get(_preload_key(opts))
-    if preload is not None:
-        preload.imported.wait()
+    if preload is None:
+        return False
+    if not preload.imported.wait(timeout):
+        log.warning("annotators' imports still running after %.0f s; probing inputs beside them", timeout)
+    return True
 
 
 def _preload_key(opts: AnnotateOptions) -> tuple[str, str]:

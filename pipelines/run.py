@@ -125,9 +125,10 @@ def runs_in_this_process(beam_args: list[str]) -> bool:
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
     options = pipeline_options(beam_args)
-    runner = options.view_as(StandardOptions).runner or "DirectRunner"
+    runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()
     mode = options.view_as(DirectOptions).direct_running_mode
-    return runner in ("DirectRunner", "direct") and mode != "multi_processing"
+    local = ("directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner")
+    return runner in local and mode != "multi_processing"
 
 
 def local_workers(beam_args: list[str]) -> int:

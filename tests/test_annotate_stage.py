@@ -453,7 +453,11 @@ def test_trace_writes_the_runs_timeline(photos_dir, tmp_path, monkeypatch):
     stats = annotate([photos_dir], tmp_path / "o", shard_size=3, annotators=(("canny", {}), ("hough", {})))
     rows = [json.loads(line) for line in trace.read_text().splitlines()]
     events = [r["event"] for r in rows]
-    for first, then in [("run_start", "pipeline_start"), ("pipeline_start", "probe_setup"),
+    # in one process the models start loading before Beam starts, and local
+    # inputs are probed once the annotators' code is imported
+    for first, then in [("run_start", "load_start"), ("load_start", "pipeline_start"),
+                        ("imported", "pipeline_start"), ("imported", "loaded"),
+                        ("run_start", "pipeline_start"), ("pipeline_start", "probe_setup"),
                         ("probe_setup", "shard_setup"), ("shard_setup", "shard_start"),
                         ("shard_start", "shard_commit"), ("shard_commit", "finalize"),
                         ("finalize", "pipeline_done")]:
@@ -505,3 +509,105 @@ def test_tampered_controlset_metadata_costs_only_its_sample(photos_dir, tmp_path
     assert stats["failed_by_reason"] == {"bad_metadata": 2}
     assert stats["written"] == stats["inputs"] - 2 == 6 - 2
     assert stats["reconciled"]
+
+
+def _importing_class(name: str, fail: bool = False):
+    """An annotator whose import_code blocks until released (and can fail),
+    recording the order of import_code and setup calls."""
+    import threading
+
+    class Importing(Annotator):
+        members = (f"{name}.png",)
+        importing = threading.Event()
+        release = threading.Event()
+        calls: list[str] = []
+
+        def import_code(self) -> None:
+            type(self).calls.append("import_code")
+            type(self).importing.set()
+            assert type(self).release.wait(30)
+            if fail:
+                raise ImportError("no module named 'imaginary_networks'")
+
+        def setup(self) -> None:
+            type(self).calls.append("setup")
+
+        def annotate_batch(self, images, keys=None):
+            return [Annotation({f"{name}.png": im[:, :, 0].copy()}) for im in images]
+
+    Importing.name = name
+    return Importing
+
+
+def test_probing_local_inputs_waits_for_the_annotators_imports(monkeypatch):
+    """Local inputs: settle_imports returns only once every annotator's code
+    is imported (and before any weights load); remote inputs do not wait."""
+    import threading
+
+    import annotators.registry as registry
+    import pipelines.beam as pb
+
+    first, second = _importing_class("imports_a_test"), _importing_class("imports_b_test")
+    for cls in (first, second):
+        monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    names = (("imports_a_test", {}), ("imports_b_test", {}))
+    local = AnnotateOptions(inputs=("/data/photos",), output="y", annotators=names, run_id="settle-local")
+    remote = AnnotateOptions(inputs=("gs://bucket/photos",), output="y", annotators=names, run_id="settle-remote")
+    assert pb.settle_imports(local) is False  # nothing preloading: nothing to wait for
+
+    pb.preload_annotators(local)
+    assert first.importing.wait(10)
+    waiter = threading.Thread(target=pb.settle_imports, args=(local,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # still importing: the probe stage waits
+    first.release.set()
+    assert second.importing.wait(10)
+    waiter.join(0.3)
+    assert waiter.is_alive()  # every annotator's code, not just the first
+    second.release.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    pb.loaded_annotators(local)
+    # both imported before either set up
+    assert first.calls == ["import_code", "setup"] and second.calls == ["import_code", "setup"]
+    pb.discard_preloads(local.run_id)
+
+    first.release.clear()
+    first.importing.clear()
+    pb.preload_annotators(remote)
+    assert first.importing.wait(10)
+    assert pb.settle_imports(remote) is False  # remote inputs are probed beside the imports
+    first.release.set()
+    pb.loaded_annotators(remote)
+    pb.discard_preloads(remote.run_id)
+
+
+def test_a_failed_import_releases_the_probe_stage(monkeypatch):
+    import annotators.registry as registry
+    import pipelines.beam as pb
+
+    cls = _importing_class("imports_fail_test", fail=True)
+    monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    opts = AnnotateOptions(inputs=("/data",), output="y", annotators=(("imports_fail_test", {}),),
+                           run_id="settle-fail")
+    cls.release.set()
+    pb.preload_annotators(opts)
+    assert pb.settle_imports(opts, timeout=10) is True  # returns: the failure is the loader's to report
+    with pytest.raises(ImportError, match="imaginary_networks"):
+        pb.loaded_annotators(opts)  # retried where the models are taken, and fails there
+    pb.discard_preloads(opts.run_id)
+
+
+@pytest.mark.parametrize("args, here", [
+    ([], True),
+    (["--runner=DirectRunner"], True),
+    (["--runner", "directrunner", "--direct_running_mode=multi_threading", "--direct_num_workers=2"], True),
+    (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], False),
+    (["--runner=DataflowRunner"], False),
+    (["--runner=FlinkRunner"], False),
+])
+def test_models_preload_in_the_launching_process_only_when_it_runs_the_workers(args, here):
+    from pipelines.run import runs_in_this_process
+
+    assert runs_in_this_process(args) is here

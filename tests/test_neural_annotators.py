@@ -622,25 +622,50 @@ def test_cuda_graphs_match_eager_on_gpu(name, weights_dir):
 
 
 def test_network_modules_import_without_the_whole_controlnet_aux():
-    """The networks' files are imported without controlnet_aux's package
-    ``__init__`` (which imports every detector, timm and skimage among them);
-    importing the package later still works, and sees the same classes."""
+    """The networks' files are imported on their own, under a private name,
+    without controlnet_aux's package ``__init__`` (which imports every
+    detector, timm and skimage among them); concurrent callers get one fully
+    imported module; controlnet_aux itself, and its modules, still import as
+    always afterwards."""
     code = """
-import pickle, sys
+import pickle, sys, threading
 from annotators._aux import aux_module
-hed = aux_module("hed").ControlNetHED_Apache2
-body = aux_module("open_pose.model").bodypose_model
-mlsd = aux_module("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large
-heavy = sorted(m for m in ("timm", "skimage", "controlnet_aux.leres", "controlnet_aux.zoe") if m in sys.modules)
+got = []
+threads = [threading.Thread(target=lambda: got.append(aux_module("hed").ControlNetHED_Apache2)) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert len(got) == 8 and len(set(got)) == 1, got
+hed = got[0]
+aux_module("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
+aux_module("open_pose.model").bodypose_model()
+aux_module("open_pose.face").FaceNet()
+heavy = sorted(m for m in ("timm", "skimage", "controlnet_aux", "controlnet_aux.leres") if m in sys.modules)
 assert not heavy, heavy
 assert type(pickle.loads(pickle.dumps(hed()))) is hed
-import controlnet_aux
+import controlnet_aux.open_pose.body, controlnet_aux.open_pose.hand, controlnet_aux.open_pose.face
 from controlnet_aux import HEDdetector, MLSDdetector, OpenposeDetector
-import controlnet_aux.open_pose.body as body_module
-assert controlnet_aux.hed.ControlNetHED_Apache2 is hed
-assert body_module.bodypose_model is body
-assert controlnet_aux.mlsd.models.mbv2_mlsd_large.MobileV2_MLSD_Large is mlsd
+import controlnet_aux
 assert "timm" in sys.modules and controlnet_aux.__version__
+print("ok")
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("options", [{}, {"hands": True, "face": True}])
+def test_openpose_loads_in_a_fresh_process(weights_dir, options):
+    """OpenPose (with hands and face too) sets up in a process that has not
+    imported controlnet_aux, through the private import of its networks."""
+    folder, _ = weights_dir
+    code = f"""
+import sys
+from annotators import create_annotator
+a = create_annotator("openpose", weights={folder!r}, device="cpu", **{options!r})
+a.import_code()
+a.setup()
+assert "controlnet_aux" not in sys.modules
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
