@@ -12,8 +12,10 @@ package modules point at controlnet-aux's folders but never run their
 ``__init__``. ``controlnet_aux`` itself is left alone: importing it, or any
 of its modules, elsewhere in the process works as always (and gets its own
 copies of the classes; weights load through ``state_dict``, so which copy a
-network is built from makes no difference). The networks' classes are not
-picklable by reference in another process; nothing here pickles them.
+network is built from makes no difference). Two consequences: patching or
+type-checking controlnet_aux's classes does not reach these networks (tests
+patch both copies), and a whole pickled network cannot be loaded in another
+process (nothing here pickles networks; weights travel as state dicts).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def aux_module(name: str) -> ModuleType:
     """controlnet-aux's module ``name`` (e.g. ``"hed"``, ``"open_pose.model"``,
     ``"mlsd.models.mbv2_mlsd_large"``), imported without the ``__init__`` of
     the packages above it. Thread-safe: a module is returned only once it is
-    fully imported."""
+    fully imported. Meant for the files that define networks: a package
+    above one of them stays an empty stand-in here, and a module that
+    relies on its package's ``__init__`` for its import order
+    (``open_pose.body``) does not import this way."""
     with _LOCK:
         module = _DONE.get(name)
         if module is None:
@@ -45,7 +50,10 @@ def aux_module(name: str) -> ModuleType:
 
 
 def _import(name: str) -> ModuleType:
-    spec = importlib.util.find_spec("controlnet_aux")  # finds the folder; runs nothing
+    try:
+        spec = importlib.util.find_spec("controlnet_aux")  # finds the folder; runs nothing
+    except (ImportError, ValueError):  # ValueError: a stand-in module without a spec
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("controlnet-aux is not installed; pip install controlnet-aux")
     root = list(spec.submodule_search_locations)[0]

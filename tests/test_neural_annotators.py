@@ -93,6 +93,18 @@ def _pixel_diff(a: np.ndarray, b: np.ndarray) -> float:
 # Faithful outputs, parametrised over the three annotators.
 
 
+def _patch_forward(monkeypatch, module: str, cls_name: str, forward) -> None:
+    """Replace a controlnet-aux network's forward in both copies of its
+    class: controlnet_aux's own (the reference detectors) and the private
+    import our annotators build their networks from (annotators._aux)."""
+    import importlib
+
+    from annotators._aux import aux_module
+
+    for m in (importlib.import_module(f"controlnet_aux.{module}"), aux_module(module)):
+        monkeypatch.setattr(getattr(m, cls_name), "forward", forward)
+
+
 @pytest.mark.parametrize("name", ["hed", "mlsd", "openpose"])
 def test_matches_controlnet_aux_with_same_weights(name, weights_dir, monkeypatch):
     folder, nets = weights_dir
@@ -117,17 +129,20 @@ def test_matches_controlnet_aux_with_same_weights(name, weights_dir, monkeypatch
             # input (BGR, INTER_AREA to scale 0.5 of 368, padding) must match.
             from controlnet_aux.open_pose.model import bodypose_model
 
+            from annotators._aux import aux_module
+
             seen = []
-            real = bodypose_model.forward
+            # ours builds the network from its own import of the same file
+            classes = (bodypose_model, aux_module("open_pose.model").bodypose_model)
+            for cls in classes:
+                def spy(self, x, real=cls.forward):
+                    seen.append(x.detach().float().clone())
+                    return real(self, x)
 
-            def spy(self, x):
-                seen.append(x.detach().float().clone())
-                return real(self, x)
-
-            monkeypatch.setattr(bodypose_model, "forward", spy)
+                monkeypatch.setattr(cls, "forward", spy)
             want = _ref_call(ref, image)
             got = ours(image)
-            monkeypatch.setattr(bodypose_model, "forward", real)
+            monkeypatch.undo()
             assert len(seen) == 2 and seen[0].shape == seen[1].shape
             step = (seen[0] - seen[1]).abs() * 256
             assert step.max() <= 1.0 + 1e-4 and (step > 0.5).float().mean() < 0.01
@@ -164,12 +179,10 @@ def test_openpose_detections_match_on_synthetic_skeletons(scene, weights_dir, mo
     """Network output replaced on both sides by heatmaps/PAFs of known
     skeletons: peaks, limb association and drawing are compared on real
     detections (one person, several, partly occluded)."""
-    from controlnet_aux.open_pose.model import bodypose_model
-
     folder, nets = weights_dir
     image = dict(_skeleton_images())[scene]
     h, w = image.shape[:2]
-    monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(h, w))
+    _patch_forward(monkeypatch, "open_pose.model", "bodypose_model", fx.synthetic_body_forward(h, w))
     ref = _reference("openpose", folder, nets)
     ours = create_annotator("openpose", weights=folder, device="cpu")
 
@@ -203,9 +216,6 @@ def test_openpose_detections_match_on_synthetic_skeletons(scene, weights_dir, mo
 def test_openpose_hands_and_face_match(weights_dir, monkeypatch):
     """Hands and face on the one-person scene, every network replaced by
     synthetic maps on both sides (the real ones at 736 px are too slow here)."""
-    from controlnet_aux.open_pose.face import FaceNet
-    from controlnet_aux.open_pose.model import bodypose_model, handpose_model
-
     if "matplotlib" not in sys.modules:
         try:
             import matplotlib  # noqa: F401
@@ -217,9 +227,9 @@ def test_openpose_hands_and_face_match(weights_dir, monkeypatch):
     folder, nets = weights_dir
     image = dict(_skeleton_images())[40]
     h, w = image.shape[:2]
-    monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(h, w))
-    monkeypatch.setattr(handpose_model, "forward", fx.synthetic_hand_forward)
-    monkeypatch.setattr(FaceNet, "forward", fx.synthetic_face_forward)
+    _patch_forward(monkeypatch, "open_pose.model", "bodypose_model", fx.synthetic_body_forward(h, w))
+    _patch_forward(monkeypatch, "open_pose.model", "handpose_model", fx.synthetic_hand_forward)
+    _patch_forward(monkeypatch, "open_pose.face", "FaceNet", fx.synthetic_face_forward)
     ref = _reference("openpose", folder, nets)
     ours = create_annotator("openpose", weights=folder, device="cpu", hands=True, face=True)
 
@@ -248,9 +258,7 @@ def test_openpose_hands_and_face_match(weights_dir, monkeypatch):
 def test_batch_equals_one_at_a_time(name, weights_dir, monkeypatch):
     folder, _ = weights_dir
     if name == "openpose":
-        from controlnet_aux.open_pose.model import bodypose_model
-
-        monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(192, 256))
+        _patch_forward(monkeypatch, "open_pose.model", "bodypose_model", fx.synthetic_body_forward(192, 256))
         images = [im for _, im in _skeleton_images()] + [_photos()[0]]
     else:
         images = _photos() + [_photos()[1][::-1].copy()]  # two sizes, mixed order
@@ -452,7 +460,6 @@ def test_openpose_association_matches_reference_on_crowded_maps(seed, weights_di
     float32 roundings cannot hide or fake a difference in the association."""
     from controlnet_aux.open_pose import body as ref_body
     from controlnet_aux.open_pose import util as ref_util
-    from controlnet_aux.open_pose.model import bodypose_model
 
     from annotators import openpose as OP
 
@@ -460,7 +467,8 @@ def test_openpose_association_matches_reference_on_crowded_maps(seed, weights_di
     h, w = 128, 192
     geo = OP.BodyGeometry(h, w)
     paf, heat = _crowded_maps(geo, seed)
-    monkeypatch.setattr(bodypose_model, "forward", lambda self, x: (paf.to(x.dtype), heat.to(x.dtype)))
+    _patch_forward(monkeypatch, "open_pose.model", "bodypose_model",
+                   lambda self, x: (paf.to(x.dtype), heat.to(x.dtype)))
 
     def exact(original, size_of):
         def resize(x, *args, **kw):
@@ -501,9 +509,7 @@ def test_chunks_do_not_change_outputs(name, weights_dir, monkeypatch):
     (OpenPose on skeleton maps, so chunks hold people and empty images)."""
     folder, _ = weights_dir
     if name == "openpose":
-        from controlnet_aux.open_pose.model import bodypose_model
-
-        monkeypatch.setattr(bodypose_model, "forward", fx.synthetic_body_forward(192, 256))
+        _patch_forward(monkeypatch, "open_pose.model", "bodypose_model", fx.synthetic_body_forward(192, 256))
         images = [im for _, im in _skeleton_images()] + [_photos()[0]]
     else:
         images = _photos() + [_photos()[0][:, ::-1].copy()]
