@@ -235,10 +235,10 @@ def child_main(spec_file: str) -> None:
     """The pipeline process of :func:`run_child`."""
     spec = json.loads(Path(spec_file).read_text())
     if spec.get("code"):
-        # another checkout's pipeline (a baseline), ahead of this one, here
-        # and in the worker processes Beam starts (they inherit the variable)
+        # another checkout's pipeline (a baseline), ahead of this one (which
+        # this script put first); Beam's worker processes find it first
+        # through their working folder, see run_child
         sys.path.insert(0, spec["code"])
-        os.environ["PYTHONPATH"] = os.pathsep.join([spec["code"]] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     kw = spec["opts"]
     kw["inputs"] = tuple(kw["inputs"])
     kw["annotators"] = tuple((n, o) for n, o in kw["annotators"])
