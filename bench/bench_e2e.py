@@ -94,6 +94,8 @@ class GpuSampler:
 
     def __init__(self) -> None:
         self.samples: dict[int, list[int]] = {}
+        #: (epoch seconds, utilisation) per GPU, for the utilisation of a window
+        self.timed: dict[int, list[tuple[float, int]]] = {}
         self.proc = None
 
     def __enter__(self):
@@ -112,6 +114,7 @@ class GpuSampler:
             except ValueError:
                 continue
             self.samples.setdefault(index, []).append(util)
+            self.timed.setdefault(index, []).append((time.time(), util))
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
@@ -123,6 +126,16 @@ class GpuSampler:
             return {}
         per_gpu = {i: round(float(np.mean(v)), 1) for i, v in sorted(self.samples.items())}
         return {"mean_util_percent_per_gpu": per_gpu, "samples_per_gpu": len(next(iter(self.samples.values())))}
+
+    def window(self, start: float, end: float) -> dict[int, float]:
+        """Mean utilisation per GPU between two epoch times (e.g. the steady
+        state: from every worker's first shard to the last shard)."""
+        out = {}
+        for i, rows in sorted(self.timed.items()):
+            vals = [u for t, u in rows if start <= t <= end]
+            if vals:
+                out[i] = round(float(np.mean(vals)), 1)
+        return out
 
 
 def steady_rate(out: Path, workers: int = 1) -> float | None:
@@ -278,13 +291,22 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         t0 = time.perf_counter()
         stats = run_child(spec)
         wall = time.perf_counter() - t0
-    steady = steady_rate(out, max(1, gpus or args.processes or args.threads or 1))
+    workers = max(1, gpus or args.processes or args.threads or 1)
+    steady = steady_rate(out, workers)
+    commits = sorted(t.stat().st_mtime for t in out.glob("*.tar"))
+    steady_util = gpu.window(commits[workers - 1], commits[-1]) if len(commits) > workers else {}
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
     stages = {k[len("stage_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("stage_ms_")}
     # model loading, summed over workers (they load side by side)
     loading = {k[len("load_ms_"):]: round(v / 1000, 2) for k, v in counters.items() if k.startswith("load_ms_")}
-    timeline = read_timeline(trace_file, start_epoch)
+    events = read_timeline(trace_file, start_epoch)
+    # per-batch annotator spans go to --traces only; the timeline is start-up and shards
+    timeline = [r for r in events if r["event"] != "annotator_span"]
+    if args.traces:  # the raw events (annotator spans included) for a closer look
+        Path(args.traces).mkdir(parents=True, exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in label)
+        shutil.copy(trace_file, Path(args.traces) / f"trace-{safe}.jsonl")
     print(f"[{label}] timeline (seconds from the start of the pipeline process):", flush=True)
     for row in timeline:
         print("  " + json.dumps(row), flush=True)
@@ -299,6 +321,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         "run_annotate_seconds": round(stats.get("seconds", float("nan")), 2),
         "steady_images_per_s": steady,
         "gpu": gpu.summary(),
+        # utilisation while the steady rate was measured
+        "steady_util_percent_per_gpu": steady_util,
         "annotator_share_percent": {k: round(100 * v / total_ms, 1)
                                     for k, v in sorted(ms.items(), key=lambda kv: -kv[1])},
         "annotator_seconds": {k: round(v / 1000, 2) for k, v in ms.items()},
@@ -344,6 +368,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeat", type=int, default=1, help="runs per mode (and per checkout)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
+    ap.add_argument("--traces", default=None, metavar="DIR",
+                    help="copy each run's trace events (start-up steps, annotator spans) here")
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.side, args.resolution, args.reference_images = 16, 160, 128, 2

@@ -4,6 +4,7 @@ annotators run them), the OpenPose annotator at several chunk sizes, and a
 profile of two batches.
 
     python bench/probe_openpose.py            # on a GPU; prints JSON lines
+    python bench/probe_openpose.py --batch 160 --chunks 40,80,160 --bare openpose:40,80,160
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.p
 
 
 def main() -> None:
+    import argparse
+
     import torch
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=64, help="images per annotate_batch call")
+    ap.add_argument("--chunks", default="24,32,40,48,56,64", help="chunk sizes to time (graphed)")
+    ap.add_argument("--bare", default="openpose,hed,mlsd:1,2,4,8,16,24,32,48,64",
+                    help="NETS:BATCHES for the bare forward passes ('' to skip)")
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    batch = args.batch
 
     from annotators import create_annotator
     from annotators import weights as W
@@ -26,7 +38,7 @@ def main() -> None:
 
     folder = tempfile.mkdtemp()
     save_random_weights(folder)
-    images = photos(512, 512)
+    images = photos(max(512, 8 * batch), 512)
     ann = create_annotator("openpose", weights=folder)
     ann.setup()
     geo = ann.geometry(512, 512)
@@ -48,28 +60,27 @@ def main() -> None:
     # changes with the batch size
     from bench_neural_annotators import bare_input
 
-    nets = {"openpose": ann}
-    for name in ("hed", "mlsd"):
-        nets[name] = create_annotator(name, weights=folder)
+    bare_nets, _, bare_batches = args.bare.partition(":")
+    nets = {}
+    for name in [n for n in bare_nets.split(",") if n]:
+        nets[name] = ann if name == "openpose" else create_annotator(name, weights=folder)
         nets[name].setup()
     for name, a in nets.items():
         net = a._body if name == "openpose" else a._net
-        for b in (1, 2, 4, 8, 16, 24, 32, 48, 64):
+        for b in [int(v) for v in bare_batches.split(",") if v]:
             x = W.to_input(bare_input(name, a, b, 512), a._device, a._dtype)
             with torch.inference_mode():
                 out["bare"][f"{name}_b{b}"] = rate(lambda: net(x), b, iters=max(4, 64 // b))
         print(json.dumps({k: v for k, v in out["bare"].items() if k.startswith(name)}), flush=True)
     net = ann._body
-    for chunk, graphs in ((24, True), (32, True), (40, True), (48, True), (56, True), (64, True), (48, False)):
-        a = create_annotator("openpose", weights=folder, chunk_size=chunk, cuda_graphs=graphs)
+    for chunk in [int(v) for v in args.chunks.split(",") if v]:
+        a = create_annotator("openpose", weights=folder, chunk_size=chunk)
         a.setup()
         a._body = net
-        out["ours"][f"chunk{chunk}" + ("" if graphs else "_no_cuda_graphs")] = rate(
-            lambda: a.annotate_batch(images[:64]), 64, iters=6)
+        out["ours"][f"batch{batch}_chunk{chunk}"] = rate(lambda: a.annotate_batch(images[:batch]), batch, iters=6)
     print(json.dumps(out["ours"]), flush=True)
 
-    # host time per phase of annotate_batch (default options: chunks of 48,
-    # CUDA graphs), over 8 batches of 64
+    # host time per phase of annotate_batch (default options), over 8 batches
     from annotators import openpose as OP
 
     a = create_annotator("openpose", weights=folder)
@@ -96,28 +107,37 @@ def main() -> None:
     timed(a, "launch_bodies", "launch_bodies (all)")
     timed(a, "finish_bodies", "finish_bodies (incl. wait)")
     timed(a, "_annotation", "per-image annotation")
-    a.annotate_batch(images[:64])
+    a.annotate_batch(images[:batch])
     torch.cuda.synchronize()
     phases.clear()
     t = time.perf_counter()
     for k in range(8):
-        a.annotate_batch(images[64 * k : 64 * (k + 1)])
+        a.annotate_batch(images[batch * k : batch * (k + 1)])
     torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    print(json.dumps({"wall_ms_per_batch64": round(wall / 8 * 1e3, 2),
+    print(json.dumps({f"wall_ms_per_batch{batch}": round(wall / 8 * 1e3, 2),
                       **{k: round(v / 8 * 1e3, 2) for k, v in phases.items()}}), flush=True)
 
+    if args.no_profile:
+        print(json.dumps(out))
+        return
     from torch.profiler import ProfilerActivity, profile
 
     a = create_annotator("openpose", weights=folder)
     a.setup()
     a._body = net
-    a.annotate_batch(images[:64])
+    a.annotate_batch(images[:batch])
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
         for _ in range(2):
-            a.annotate_batch(images[64:128])
+            a.annotate_batch(images[batch:2 * batch])
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    # device time of all kernels and copies over the wall time (streams may overlap)
+    busy_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    print(json.dumps({"profiled_wall_ms_per_batch": round(wall / 2 * 1e3, 2),
+                      "device_busy_ms_per_batch": round(busy_us / 2e3, 2)}), flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=60))
     print(json.dumps(out))

@@ -64,6 +64,13 @@ def _counter(name: str):
 TRACE_ENV = "CONTROLSET_TRACE"
 
 
+def tracing() -> bool:
+    """Whether :func:`trace` writes events in this process."""
+    import os
+
+    return bool(os.environ.get(TRACE_ENV)) and not _TRACE_FAILED
+
+
 def trace(event: str, **fields: Any) -> None:
     """Append one timeline event to ``$CONTROLSET_TRACE`` when it is set."""
     import os
@@ -334,11 +341,15 @@ class ShardFn(beam.DoFn):
         self.decoded.inc(len(ok))
         self.decode_failed.inc(len(decoded) - len(ok))
         timings: dict[str, float] = {}
+        spans: list | None = [] if tracing() else None
         with self.models.lock:
             annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool,
-                                              self.models.gpu_pool, self.models.costs))
+                                              self.models.gpu_pool, self.models.costs, spans))
             for ann_name, seconds in timings.items():
                 self.models.costs[ann_name] = self.models.costs.get(ann_name, 0.0) + seconds
+        for ann_name, thread, start, end in spans or ():
+            trace("annotator_span", annotator=ann_name, on=thread, start=round(start, 4), end=round(end, 4),
+                  images=len(ok))
         for ann_name, seconds in timings.items():
             Metrics.counter(NS, f"ms_{ann_name}").inc(int(seconds * 1000))
 

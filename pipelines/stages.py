@@ -413,6 +413,7 @@ def annotate_decoded(
     pool=None,
     gpu_pool=None,
     costs: dict[str, float] | None = None,
+    spans: list | None = None,
 ) -> list[tuple[Decoded, dict[str, Annotation]] | FailureRecord]:
     """Run every annotator over a batch; one result per input, in order.
 
@@ -426,8 +427,11 @@ def annotate_decoded(
     kernels instead of leaving the GPU idle; they start in decreasing order
     of ``costs`` (seconds so far per annotator), so the longest ones do not
     start last and leave one thread working alone at the end of a batch.
-    ``timings`` accumulates seconds per annotator (summed over slices).
+    ``timings`` accumulates seconds per annotator (summed over slices);
+    ``spans``, when given, receives ``(annotator, thread, start, end)`` per
+    call (epoch seconds), for timelines of where a batch's time goes.
     """
+    import threading
     import time
 
     images = [d.image for d in batch]
@@ -435,9 +439,12 @@ def annotate_decoded(
     batch_sizes = batch_sizes or {}
 
     def timed(annotator: Annotator, start: int = 0, stop: int | None = None) -> tuple[list, float]:
-        t0 = time.perf_counter()
+        t0, w0 = time.perf_counter(), time.time()
         res = run_annotator(annotator, images[start:stop], keys[start:stop], batch_sizes.get(annotator.name))
-        return res, time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if spans is not None:  # list.append is atomic: threads may add side by side
+            spans.append((annotator.name, threading.current_thread().name, w0, w0 + seconds))
+        return res, seconds
 
     def cpu_slices(annotator: Annotator) -> list:
         # A CPU annotator works image by image: its batch is cut into slices
