@@ -82,12 +82,13 @@ def _body_bucket(n: int) -> int:
     return MIN_GPU_BATCH if 1 < n < MIN_GPU_BATCH else n
 
 
-#: Default pipeline chunk on CUDA: a 64-image batch runs as 40 + 24, sizes
-#: the body network runs fast at, with no padded images (48 + 16 pads the 16
-#: to 24). Annotator images/s by chunk, batch 64 (bench/probe_openpose.py,
-#: H200, 2026-11-27 22:05): 24: 2302, 32: 2195, 40: 2575, 48: 2430,
-#: 56: 2328, 64: 2366.
-GPU_CHUNK = 40
+#: Default pipeline chunk on CUDA: the default batch of 160 runs as 54 + 54
+#: + 52, sizes the body network runs nearly as fast at as at 160 in one pass.
+#: Bare bf16 forward by batch (bench/probe_openpose.py, H100, 2026-11-28
+#: 01:01): 40: 3515, 54: 4213, 80: 4094, 160: 4252 images/s; the annotator at
+#: batch 160 by chunk: 40: 2935, 54: 3351, 80: 3196, 160: 3067 (one chunk
+#: leaves nothing to overlap the host work with).
+GPU_CHUNK = 54
 
 
 # --------------------------------------------------------------------------
@@ -560,7 +561,7 @@ class OpenPose(Annotator):
         detect_resolution: shorter side the detector sees (rounded to multiples
             of 64 like controlnet-aux); None = the sample's own size.
         chunk_size: images per pipeline chunk (outputs do not depend on it);
-            None = ``GPU_CHUNK`` (40) on CUDA, the whole batch on the CPU.
+            None = ``GPU_CHUNK`` (54) on CUDA, the whole batch on the CPU.
         cuda_graphs: on a GPU, replay the network from CUDA graphs captured
             once per batch shape (default on; no effect on the CPU).
     """
@@ -569,7 +570,7 @@ class OpenPose(Annotator):
     version = "1"
     members = ("openpose.png", "openpose.json")
     uses_gpu = True
-    #: Four chunks of ``GPU_CHUNK``: the host work before a batch's first
+    #: Three chunks of ``GPU_CHUNK``: the host work before a batch's first
     #: chunk and after its last one (staging, peak search, drawing) is not
     #: hidden behind device work, so larger batches amortise it.
     default_batch_size = 160

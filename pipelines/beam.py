@@ -235,15 +235,36 @@ class PlanShardFn(beam.DoFn):
         yield (index, digest, cands)
 
 
+@dataclasses.dataclass
+class _OpenShard:
+    """A shard being made: its writer and the batches not yet written."""
+
+    index: int
+    digest: str
+    name: str
+    writer: ShardWriter
+    unwritten: int
+
+
 class ShardFn(beam.DoFn):
-    """Makes one planned shard: decode, annotate in batches, encode, and
-    stream the samples into the shard's tar, then commit it.
+    """Makes planned shards: decode, annotate in batches, encode, and stream
+    the samples into each shard's tar, then commit it.
 
     A shard is the unit of work (and of resume): its samples never leave the
     worker, so no image or encoded sample is shuffled between workers. Models
     load once per worker process (Beam's Shared handle) and are shared by its
     threads; GPU work is serialised per process by a lock while other threads
-    decode and encode. CPU annotators run on a thread pool beside GPU ones."""
+    decode and encode. CPU annotators run on a thread pool beside GPU ones.
+
+    The shards of a bundle flow through one pipeline of batches: batch k+1
+    is decoded and batch k-1 encoded while batch k is annotated, across shard
+    boundaries too. The last batch of a shard is annotated only when the next
+    element has arrived (or the bundle ends), so the next shard's first batch
+    decodes meanwhile, and the last batch's encoding overlaps the next
+    shard's first batch; the accelerator does not wait at shard boundaries.
+    A shard is committed, and its summary emitted, once its last batch is
+    written: during a later element's ``process`` or in ``finish_bundle``.
+    Batches never mix shards, so shards are the same as made one by one."""
 
     def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
         from apache_beam.utils.shared import Shared
@@ -261,6 +282,8 @@ class ShardFn(beam.DoFn):
         self.shards = _counter("shards_written")
 
     def setup(self) -> None:
+        from collections import deque
+
         from pipelines.options import parse_gate
 
         trace("shard_setup")
@@ -272,54 +295,114 @@ class ShardFn(beam.DoFn):
         self.gates = [parse_gate(g) for g in self.opts.gates]
         self.progress = Progress(self.total)
         self.fs, self.root = url_to_fs(self.opts.output)
+        #: batches not yet annotated: [shard, index in shard, candidates, decode future]
+        self._todo: deque = deque()
+        #: the last annotated batch, being encoded: (shard, staged, images)
+        self._encoding: tuple | None = None
+        self._open: list[_OpenShard] = []
+        # where the bundle thread's time goes: waiting for decoding,
+        # annotating (GPU and CPU annotators), waiting for encoding
+        self._waits = {"wait_decode": 0.0, "annotate": 0.0, "wait_encode": 0.0}
 
     def process(self, item: tuple[int, str, list[Candidate]]) -> Iterable[ShardSummary]:
         index, digest, cands = item
         trace("shard_start", shard=index, samples=len(cands))
         self._report_loading()
         name = shard_name(self.opts.prefix, index)
-        writer = ShardWriter(self.fs, self.root, name)
         batches = [cands[i:i + self.batch] for i in range(0, len(cands), self.batch)]
-        io = self.models.io_pool
+        shard = _OpenShard(index, digest, name, ShardWriter(self.fs, self.root, name), len(batches))
+        self._open.append(shard)
+        self._todo.extend([shard, k, batch, None] for k, batch in enumerate(batches))
         try:
-            # Decoding batch k+1 overlaps annotating batch k (PIL, OpenCV and
-            # zlib release the GIL); results keep the key order throughout.
-            # Encoding batch k (on the io threads) overlaps annotating batch k+1.
-            upcoming = self.models.prefetch.submit(self._decode, batches[0]) if batches else None
-            encoding = None
-            # where this thread's time goes: waiting for decoding, annotating
-            # (GPU and CPU annotators), waiting for encoding
-            waits = {"wait_decode": 0.0, "annotate": 0.0, "wait_encode": 0.0}
-            for k, batch in enumerate(batches):
-                t0 = time.perf_counter()
-                decoded = upcoming.result()
-                if k + 1 < len(batches):
-                    upcoming = self.models.prefetch.submit(self._decode, batches[k + 1])
-                t1 = time.perf_counter()
-                staged = self._annotate(decoded, name, io)
-                t2 = time.perf_counter()
-                if k == 0:
-                    trace("first_batch_annotated", shard=index, seconds=round(t2 - t1, 3))
-                if encoding is not None:
-                    self._write(*encoding, writer)
-                encoding = (staged, len(batch))
-                waits["wait_decode"] += t1 - t0
-                waits["annotate"] += t2 - t1
-                waits["wait_encode"] += time.perf_counter() - t2
-            if encoding is not None:
-                t0 = time.perf_counter()
-                self._write(*encoding, writer)
-                waits["wait_encode"] += time.perf_counter() - t0
-            for stage, seconds in waits.items():
-                Metrics.counter(NS, f"stage_ms_{stage}").inc(int(seconds * 1000))
+            if not batches:
+                yield self._commit(shard)
+            # The newest batch stays in hand until the next element (or the
+            # bundle's end): annotating it then overlaps decoding that
+            # element's first batch.
+            while len(self._todo) > 1:
+                yield from self._step()
         except BaseException:
-            writer.abort()
+            self._abort_open()
             raise
-        summary = writer.commit(digest)
-        trace("shard_commit", shard=index, written=summary.written)
+
+    def finish_bundle(self) -> Iterable:
+        from apache_beam.transforms.window import GlobalWindows
+
+        try:
+            summaries = []
+            while self._todo:
+                summaries += list(self._step())
+            summaries += list(self._write_encoded())
+        except BaseException:
+            self._abort_open()
+            raise
+        self._count_waits()
+        for summary in summaries:
+            yield GlobalWindows.windowed_value_at_end_of_window(summary)
+
+    def teardown(self) -> None:
+        self._abort_open()
+
+    def _step(self) -> Iterable[ShardSummary]:
+        """Annotate the next batch (its decoding was started earlier), start
+        decoding the one after it, then write the batch annotated before."""
+        shard, k, cands, decoding = self._todo.popleft()
+        prefetch = self.models.prefetch
+        t0 = time.perf_counter()
+        if decoding is None:
+            decoding = prefetch.submit(self._decode, cands)
+        if self._todo and self._todo[0][3] is None:
+            self._todo[0][3] = prefetch.submit(self._decode, self._todo[0][2])
+        decoded = decoding.result()
+        t1 = time.perf_counter()
+        staged = self._annotate(decoded, shard.name, self.models.io_pool)
+        t2 = time.perf_counter()
+        if k == 0:
+            trace("first_batch_annotated", shard=shard.index, seconds=round(t2 - t1, 3))
+        self._waits["wait_decode"] += t1 - t0
+        self._waits["annotate"] += t2 - t1
+        # encoding of the previous batch ran while this one was annotated
+        yield from self._write_encoded()
+        self._encoding = (shard, staged, len(cands))
+
+    def _write_encoded(self) -> Iterable[ShardSummary]:
+        """Write the batch being encoded into its shard; commit the shard
+        when that was its last batch."""
+        if self._encoding is None:
+            return
+        shard, staged, n = self._encoding
+        self._encoding = None
+        t0 = time.perf_counter()
+        self._write(staged, n, shard.writer)
+        self._waits["wait_encode"] += time.perf_counter() - t0
+        shard.unwritten -= 1
+        if shard.unwritten == 0:
+            yield self._commit(shard)
+
+    def _commit(self, shard: _OpenShard) -> ShardSummary:
+        self._open.remove(shard)
+        summary = shard.writer.commit(shard.digest)
+        trace("shard_commit", shard=shard.index, written=summary.written)
         self.written.inc(summary.written)
         self.shards.inc()
-        yield summary
+        self._count_waits()
+        return summary
+
+    def _count_waits(self) -> None:
+        for stage, seconds in self._waits.items():
+            if seconds:
+                Metrics.counter(NS, f"stage_ms_{stage}").inc(int(seconds * 1000))
+            self._waits[stage] = 0.0
+
+    def _abort_open(self) -> None:
+        """Drop the shards in flight (their temporary files); a retry or a
+        rerun makes them again."""
+        for shard in getattr(self, "_open", ()):
+            shard.writer.abort()
+        if hasattr(self, "_open"):
+            self._open.clear()
+            self._todo.clear()
+            self._encoding = None
 
     def _report_loading(self) -> None:
         """Model-loading seconds as counters (``load_ms_<annotator>``), once

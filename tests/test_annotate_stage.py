@@ -611,3 +611,32 @@ def test_models_preload_in_the_launching_process_only_when_it_runs_the_workers(a
     from pipelines.run import runs_in_this_process
 
     assert runs_in_this_process(args) is here
+
+
+def test_shards_stream_through_one_pipeline_of_batches(photos_dir, tmp_path, monkeypatch):
+    """A worker's shards flow through one pipeline of batches: a shard's last
+    batch is annotated, and the shard committed, only after the next shard has
+    arrived (so that shard's first batch decodes meanwhile); the bundle's end
+    finishes the last one. Shards are the same bytes whatever the batching,
+    and every sample is written once."""
+    import json
+
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("CONTROLSET_TRACE", str(trace))
+    streamed = annotate([photos_dir], tmp_path / "a", shard_size=2, batch_size=1)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    order = [(r["event"], r.get("shard")) for r in rows if r["event"] in ("shard_start", "shard_commit")]
+    starts = [s for e, s in order if e == "shard_start"]
+    assert len(starts) == streamed["shards"] >= 3
+    # each shard but the last is committed after the next one started
+    for first, then in zip(starts, starts[1:]):
+        assert order.index(("shard_start", then)) < order.index(("shard_commit", first))
+    assert sorted(s for e, s in order if e == "shard_commit") == sorted(starts)
+
+    monkeypatch.delenv("CONTROLSET_TRACE")
+    whole = annotate([photos_dir], tmp_path / "b", shard_size=2, batch_size=2)
+    assert streamed["written"] == whole["written"] == len(samples(tmp_path / "a"))
+    assert tree_bytes(tmp_path / "a", "*.tar") == tree_bytes(tmp_path / "b", "*.tar")
