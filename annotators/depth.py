@@ -188,8 +188,6 @@ class DepthModel:
 
     #: Batches whose predictions are memoised.
     MEMO_BATCHES = 4
-    #: With an NHWC neck and head, upsample in NCHW (:func:`bilinear_in_nchw`).
-    NCHW_UPSAMPLING = True
 
     def __init__(self, model: str, device: Any, dtype: Any, channels_last: bool | None = None) -> None:
         import torch
@@ -206,8 +204,6 @@ class DepthModel:
             channels_last = device.type == "cuda"
         nhwc = [m for m in (getattr(net, "neck", None), getattr(net, "head", None)) if m is not None]
         self.net = prepare_model(net, device, dtype, channels_last=nhwc if channels_last else ())
-        if channels_last and self.NCHW_UPSAMPLING:
-            bilinear_in_nchw(net)
         if dtype != torch.float32:
             convs = [m for m in getattr(net, "head", net).modules() if isinstance(m, torch.nn.Conv2d)]
             if convs and convs[-1].out_channels == 1:
@@ -301,40 +297,6 @@ class DepthModel:
         self.predict_into(out, images, range(len(images)), graphs)
         self.remember(images, keys, out)
         return out
-
-
-def _to_nchw(_module: Any, _args: Any, output: Any) -> Any:
-    return output.contiguous()
-
-
-def _inputs_to_nchw(_module: Any, args: tuple) -> tuple:
-    return tuple(a.contiguous() if hasattr(a, "contiguous") else a for a in args)
-
-
-def bilinear_in_nchw(net: Any) -> int:
-    """Make the bilinear upsampling of a DPT-style neck and head run on
-    NCHW tensors while their convolutions stay NHWC; returns the number of
-    places changed.
-
-    PyTorch's NHWC bilinear kernel is several times slower than its NCHW one
-    (DPT-hybrid, 64 images at 384 px, H100, bf16: about 18.6 of 100 ms a
-    batch went to it). Each feature-fusion layer upsamples the output of its
-    ``residual_layer2``, and the head has an ``nn.Upsample``: the former's
-    output and the latter's input are made contiguous (NCHW), and the next
-    convolution, whose weights are NHWC, takes its input back to NHWC. The
-    values are the same; only the memory layout of those tensors changes.
-    """
-    import torch
-
-    changed = 0
-    for module in net.modules():
-        if type(module).__name__.endswith("FeatureFusionLayer") and hasattr(module, "residual_layer2"):
-            module.residual_layer2.register_forward_hook(_to_nchw)
-            changed += 1
-        elif isinstance(module, torch.nn.Upsample) and module.mode == "bilinear":
-            module.register_forward_pre_hook(_inputs_to_nchw)
-            changed += 1
-    return changed
 
 
 def _depth_model(model: str, device: str | None, precision: str | None, compile: bool = False) -> DepthModel:

@@ -52,21 +52,9 @@ def main() -> None:
     ap.add_argument("--annotators", default="depth")
     ap.add_argument("--batch", type=int, default=0, help="images per call (0: each annotator's default)")
     ap.add_argument("--iters", type=int, default=8)
-    ap.add_argument("--nhwc-upsampling", action="store_true",
-                    help="also time depth with its upsampling left NHWC (the layout before bilinear_in_nchw)")
     args = ap.parse_args()
     folder = tempfile.mkdtemp()
-    runs = args.annotators.split(",")
-    if args.nhwc_upsampling and "depth" in runs:
-        runs.append("depth:nhwc-upsampling")
-    for run in runs:
-        name, _, variant = run.partition(":")
-        if variant == "nhwc-upsampling":
-            from annotators.depth import DepthModel
-            from annotators.hf_models import clear_shared
-
-            clear_shared()  # a new model, built without the NCHW upsampling
-            DepthModel.NCHW_UPSAMPLING = False
+    for name in args.annotators.split(","):
         ann = build(name, folder)
         ann.setup()
         batch = args.batch or type(ann).default_batch_size
@@ -97,7 +85,7 @@ def main() -> None:
         busy_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
         top = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:25]
         print(json.dumps({
-            "annotator": run, "batch": batch, "device": torch.cuda.get_device_name(),
+            "annotator": name, "batch": batch, "device": torch.cuda.get_device_name(),
             "images_per_s": round(rate, 1),
             "profiled_wall_ms_per_batch": round(wall / 2 * 1e3, 2),
             "device_busy_ms_per_batch": round(busy_us / 2e3, 2),

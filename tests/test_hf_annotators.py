@@ -478,21 +478,8 @@ def test_channels_last_layout_gives_the_same_maps(models, images):
     plain = DepthModel(models["dpt"], cpu, torch.float32, channels_last=False)
     nhwc = DepthModel(models["dpt"], cpu, torch.float32, channels_last=True)
     assert nhwc.net.head.head[0].weight.is_contiguous(memory_format=torch.channels_last)
-    # the bilinear upsampling between NHWC convolutions runs on NCHW tensors
-    layouts = []
-    seen = lambda m, args, out: layouts.append((type(m).__name__, args[0].is_contiguous(), out.is_contiguous()))
-    for m in nhwc.net.modules():
-        if isinstance(m, torch.nn.Upsample) or type(m).__name__ == "DPTPreActResidualLayer":
-            m.register_forward_hook(seen)
     for a, b in zip(plain.predict(images, KEYS), nhwc.predict(images, KEYS)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert ("Upsample", True, True) in layouts
-    # each fusion layer's second residual layer hands NCHW to the upsampling
-    fusion = [m for m in nhwc.net.modules() if type(m).__name__ == "DPTFeatureFusionLayer"]
-    assert fusion
-    assert all(len(f.residual_layer2._forward_hooks) >= 1 for f in fusion)
-    assert not any(len(f.residual_layer2._forward_hooks) for f in plain.net.modules()
-                   if type(f).__name__ == "DPTFeatureFusionLayer")
 
     plain = SegModel(models["upernet"], cpu, torch.float32, channels_last=False)
     nhwc = SegModel(models["upernet"], cpu, torch.float32, channels_last=True)
