@@ -263,7 +263,7 @@ def child_main(spec_file: str) -> None:
 
 
 def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: str | None = None,
-             label: str | None = None) -> dict:
+             label: str | None = None, io_threads: int = 0) -> dict:
     """One pipeline run in ``mode`` (with the pipeline code of the checkout
     ``code``, default this one): its figures and timeline."""
     label = label or mode
@@ -276,6 +276,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         "resolution": args.resolution, "shard_size": args.shard_size, "gpus": gpus,
         "min_size": min(256, args.side), "gpu_threads": args.gpu_threads,
     }
+    if io_threads:
+        opts["io_threads"] = io_threads
     beam_args: list[str] = []
     if mode == "one" and args.processes:
         beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
@@ -366,6 +368,9 @@ def main(argv=None) -> dict:
                     help="another checkout of the project: each mode also runs with its pipeline, "
                          "alternating with this one's (baseline, current, baseline, current, ...)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per mode (and per checkout)")
+    ap.add_argument("--io-threads", default="",
+                    help="comma-separated decode/encode thread counts per worker to run each mode with "
+                         "(default: the pipeline's own default)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     ap.add_argument("--traces", default=None, metavar="DIR",
@@ -390,13 +395,17 @@ def main(argv=None) -> dict:
     setup_s = time.perf_counter() - t0
     names = [n for n in args.annotators.split(",") if n]
     runs = {}
+    io_list = [int(v) for v in args.io_threads.split(",") if v] or [0]
     for m in modes:
         for r in range(args.repeat):
-            if args.baseline_code:
-                label = f"{m}@baseline#{r + 1}"
-                runs[label] = run_mode(m, args, work, names, models, str(Path(args.baseline_code).resolve()), label)
-            label = f"{m}#{r + 1}" if args.repeat > 1 or args.baseline_code else m
-            runs[label] = run_mode(m, args, work, names, models, None, label)
+            for io in io_list:
+                tag = f"@io{io}" if io else ""
+                if args.baseline_code:
+                    label = f"{m}{tag}@baseline#{r + 1}"
+                    runs[label] = run_mode(m, args, work, names, models, str(Path(args.baseline_code).resolve()),
+                                           label, io)
+                label = f"{m}{tag}#{r + 1}" if args.repeat > 1 or args.baseline_code else f"{m}{tag}"
+                runs[label] = run_mode(m, args, work, names, models, None, label, io)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
     try:

@@ -418,6 +418,31 @@ def test_bf16_on_gpu_close_to_fp32(models, images):
     assert all(t16) and sum(a == b for a, b in zip(t32, t16)) >= 2
 
 
+@pytest.mark.gpu
+def test_fast_upsampling_on_gpu_in_bf16(models, images):
+    """On the GPU in bf16 (the defaults), the matrix-product upsampling gives
+    the maps of torch's bilinear kernels but for bf16 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from annotators.depth import DepthModel
+    from annotators.seg import SegModel
+
+    cuda = torch.device("cuda")
+    plain = DepthModel(models["dpt"], cuda, torch.bfloat16, fast_upsampling=False)
+    fast = DepthModel(models["dpt"], cuda, torch.bfloat16)
+    assert fast.upsamplers >= 1
+    for a, b in zip(plain.predict(images, KEYS), fast.predict(images, KEYS)):
+        scale = float(a.abs().max()) or 1.0
+        assert float((a - b).abs().max()) / scale < 0.02
+    plain = SegModel(models["upernet"], cuda, torch.bfloat16, fast_upsampling=False)
+    fast = SegModel(models["upernet"], cuda, torch.bfloat16)
+    assert fast.fast_upsampling
+    pixels = hf_models.model_batches(images, plain.preprocess, cuda, torch.bfloat16)[0][1]
+    with torch.inference_mode():
+        a, b = plain.forward(pixels), fast.forward(pixels)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.98
+
+
 # -------------------------------------------------- reduced precision, layout
 
 
@@ -491,6 +516,53 @@ def test_channels_last_layout_gives_the_same_maps(models, images):
             nhwc.net(pixel_values=pixels.contiguous(memory_format=torch.channels_last)).logits,
             rtol=1e-4, atol=1e-4,
         )
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("shape,size,scale", [((12, 12), (24, 24), 2.0), ((7, 9), (13, 20), None),
+                                              ((32, 24), (128, 96), None), ((5, 6), (10, 12), 2.0)])
+def test_bilinear_resize_equals_interpolate(channels_last, align_corners, shape, size, scale):
+    """The matrix-product bilinear resize gives F.interpolate's values, in
+    the input's memory layout."""
+    import torch.nn.functional as F
+
+    from annotators._torch import bilinear_resize
+
+    x = torch.randn(2, 5, *shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if scale is not None:
+        ref = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=align_corners)
+    else:
+        ref = F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+    out = bilinear_resize(x, size, align_corners, scale)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_fast_upsampling_gives_the_same_maps(models, images):
+    """Depth's head and seg's logits upsampled by matrix products (the GPU
+    default), forced on the CPU, give the same predictions."""
+    from annotators.depth import DepthModel
+    from annotators.seg import SegModel
+
+    cpu = torch.device("cpu")
+    plain = DepthModel(models["dpt"], cpu, torch.float32, channels_last=True, fast_upsampling=False)
+    fast = DepthModel(models["dpt"], cpu, torch.float32, channels_last=True, fast_upsampling=True)
+    assert plain.upsamplers == 0 and fast.upsamplers >= 1
+    assert not any(isinstance(m, torch.nn.Upsample) for m in fast.net.modules())
+    for a, b in zip(plain.predict(images, KEYS), fast.predict(images, KEYS)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    plain = SegModel(models["upernet"], cpu, torch.float32, fast_upsampling=False)
+    fast = SegModel(models["upernet"], cpu, torch.float32, fast_upsampling=True)
+    pixels = hf_models.model_batches(images[:2], plain.preprocess, cpu)[0][1]
+    with torch.inference_mode():
+        a, b = plain.forward(pixels), fast.forward(pixels)
+    assert a.shape == b.shape == (2, 150, *pixels.shape[2:])
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.argmax(1), b.argmax(1))
 
 
 def test_fused_vision_attention_equals_eager(models, images):
