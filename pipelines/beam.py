@@ -380,8 +380,10 @@ class ShardFn(beam.DoFn):
             yield self._commit(shard)
 
     def _commit(self, shard: _OpenShard) -> ShardSummary:
-        self._open.remove(shard)
+        # still open while committing: if that fails, _abort_open removes
+        # whatever the commit left behind along with the other shards in flight
         summary = shard.writer.commit(shard.digest)
+        self._open.remove(shard)
         trace("shard_commit", shard=shard.index, written=summary.written)
         self.written.inc(summary.written)
         self.shards.inc()

@@ -129,10 +129,14 @@ class ShardWriter:
         return ShardSummary(self.name, len(self.rows), failures)
 
     def abort(self) -> None:
-        try:
-            self._file.close()
-        except Exception:
-            pass
+        # the tar stream first (its end blocks go to the file about to be
+        # removed), so that it does not try to write to a closed file when
+        # it is collected
+        for close in (self._sink.close, self._file.close):
+            try:
+                close()
+            except Exception:
+                pass
         remove_quietly(self.fs, self.tmp)
 
 

@@ -640,3 +640,33 @@ def test_shards_stream_through_one_pipeline_of_batches(photos_dir, tmp_path, mon
     whole = annotate([photos_dir], tmp_path / "b", shard_size=2, batch_size=2)
     assert streamed["written"] == whole["written"] == len(samples(tmp_path / "a"))
     assert tree_bytes(tmp_path / "a", "*.tar") == tree_bytes(tmp_path / "b", "*.tar")
+
+
+def test_a_failed_commit_drops_the_shards_in_flight_and_a_rerun_completes(photos_dir, tmp_path, monkeypatch):
+    """A write error mid-stream fails the run without leaving a partial or
+    temporary file of any shard in flight; the rerun makes exactly the
+    missing shards and the result equals an undisturbed run."""
+    from pipelines import writer as W
+
+    real_commit = W.ShardWriter.commit
+    calls = []
+
+    def flaky_commit(self, digest):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_commit(self, digest)
+
+    monkeypatch.setattr(W.ShardWriter, "commit", flaky_commit)
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="disk full"):
+        annotate([photos_dir], out, shard_size=2, batch_size=1)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    committed = sorted(p.name for p in out.glob("*.tar"))
+    assert len(committed) == 1  # only the shard committed before the failure
+
+    monkeypatch.setattr(W.ShardWriter, "commit", real_commit)
+    stats = annotate([photos_dir], out, shard_size=2, batch_size=1)
+    clean = annotate([photos_dir], tmp_path / "clean", shard_size=2, batch_size=1)
+    assert stats["written"] == clean["written"]
+    assert tree_bytes(out, "*.tar") == tree_bytes(tmp_path / "clean", "*.tar")
