@@ -183,6 +183,9 @@ class DepthModel:
     GPU) stores the convolutional neck and head NHWC; the backbone keeps
     its layout (BiT's GroupNorm works on contiguous NCHW on the GPU, so
     NHWC there would add a transpose around every norm).
+    ``fast_upsampling`` (default: on a GPU) computes the head's
+    ``nn.Upsample`` by matrix products (``_torch.bilinear_resize``; the
+    fusion layers' own ``F.interpolate`` calls stay as they are).
     :meth:`enable_compile` switches the forward pass to ``torch.compile``.
     """
 

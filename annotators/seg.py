@@ -132,6 +132,8 @@ class SegModel:
     UperNet head's large 3x3 convolutions. The auxiliary (training-only)
     head is dropped: transformers runs it at inference and upsamples its
     150-class output to the full input size, only for it to be discarded.
+    ``fast_upsampling`` (default: on a GPU, UperNet models only) upsamples
+    the logits to the input size by matrix products (``_torch.bilinear_resize``).
     :meth:`enable_compile` switches the forward pass to ``torch.compile``.
     """
 
@@ -171,8 +173,10 @@ class SegModel:
         # the logits' upsampling to the input size by matrix products (see
         # _eager_forward); default on a GPU
         self.fast_upsampling = (device.type == "cuda") if fast_upsampling is None else bool(fast_upsampling)
-        if self.fast_upsampling and not hasattr(net, "decode_head"):
-            self.fast_upsampling = False  # not a backbone + decode-head model
+        if type(net).__name__ != "UperNetForSemanticSegmentation":
+            # the fast path reproduces UperNet's forward only (SegFormer, for
+            # one, has a decode head but no backbone and keeps 1/4-size logits)
+            self.fast_upsampling = False
         self.compiled = None
 
     def enable_compile(self, backend: Any = "inductor") -> None:

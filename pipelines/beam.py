@@ -263,8 +263,10 @@ class ShardFn(beam.DoFn):
     decodes meanwhile, and the last batch's encoding overlaps the next
     shard's first batch; the accelerator does not wait at shard boundaries.
     A shard is committed, and its summary emitted, once its last batch is
-    written: during a later element's ``process`` or in ``finish_bundle``.
-    Batches never mix shards, so shards are the same as made one by one."""
+    written: during a later element's ``process`` (the summary then takes
+    that element's window and timestamp; every element here is in the
+    global window) or in ``finish_bundle``. Batches never mix shards, so
+    shards are the same as made one by one."""
 
     def __init__(self, opts: AnnotateOptions, total: int = 0) -> None:
         from apache_beam.utils.shared import Shared
@@ -310,10 +312,10 @@ class ShardFn(beam.DoFn):
         self._report_loading()
         name = shard_name(self.opts.prefix, index)
         batches = [cands[i:i + self.batch] for i in range(0, len(cands), self.batch)]
-        shard = _OpenShard(index, digest, name, ShardWriter(self.fs, self.root, name), len(batches))
-        self._open.append(shard)
-        self._todo.extend([shard, k, batch, None] for k, batch in enumerate(batches))
         try:
+            shard = _OpenShard(index, digest, name, ShardWriter(self.fs, self.root, name), len(batches))
+            self._open.append(shard)
+            self._todo.extend([shard, k, batch, None] for k, batch in enumerate(batches))
             if not batches:
                 yield self._commit(shard)
             # The newest batch stays in hand until the next element (or the
@@ -324,6 +326,12 @@ class ShardFn(beam.DoFn):
         except BaseException:
             self._abort_open()
             raise
+
+    def start_bundle(self) -> None:
+        # nothing carries over from an earlier bundle (one that failed is
+        # aborted, one that finished is drained)
+        self._abort_open()
+        self._waits = dict.fromkeys(self._waits, 0.0)
 
     def finish_bundle(self) -> Iterable:
         from apache_beam.transforms.window import GlobalWindows
@@ -715,10 +723,10 @@ def _default_batch(cls, gpu: bool) -> int:
 
 def beam_batch_size(opts: AnnotateOptions) -> int:
     """Images per Beam batch: ``--batch-size``, else the largest annotator
-    batch, at most half a shard (and at least 16): a shard's batches are
-    pipelined (decoding the next and encoding the previous while one is
-    annotated), which needs at least two of them; only the shard's first
-    decode and last encode are not hidden."""
+    batch, at most half a shard (and at least 16): batches are pipelined
+    (decoding the next and encoding the previous while one is annotated),
+    across the shards of a bundle too; only a bundle's first decode and
+    last encode are not hidden."""
     if opts.batch_size:
         return opts.batch_size
     from annotators import get_annotator_class

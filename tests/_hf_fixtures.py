@@ -112,6 +112,26 @@ def make_upernet_convnext(folder: str, size: int = 384, seed: int = 0) -> str:
     return folder
 
 
+def make_segformer(folder: str, seed: int = 0, size: int = 64) -> str:
+    """A tiny SegFormer with 150 ADE20K classes (an ADE20K model other than
+    UperNet, whose logits stay at a quarter of the input size)."""
+    import torch
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerImageProcessor
+
+    from annotators.seg import ADE20K_CLASSES
+
+    torch.manual_seed(seed)
+    config = SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+        decoder_hidden_size=16, num_labels=ADE20K_CLASSES,
+        id2label={i: f"class{i}" for i in range(ADE20K_CLASSES)},
+        label2id={f"class{i}": i for i in range(ADE20K_CLASSES)},
+    )
+    SegformerForSemanticSegmentation(config).eval().save_pretrained(folder)
+    SegformerImageProcessor(size={"height": size, "width": size}).save_pretrained(folder)
+    return folder
+
+
 BLIP_STD = 0.1
 
 

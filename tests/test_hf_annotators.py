@@ -565,6 +565,71 @@ def test_fast_upsampling_gives_the_same_maps(models, images):
     assert torch.equal(a.argmax(1), b.argmax(1))
 
 
+def test_fast_upsampling_applies_to_upernet_only(tmp_path, images):
+    """Another ADE20K model (SegFormer: a decode head but no backbone, logits
+    at a quarter of the input size) keeps its own forward with the fast path
+    asked for, and runs."""
+    from annotators.seg import SegModel
+
+    cpu = torch.device("cpu")
+    folder = fx.make_segformer(str(tmp_path / "segformer"))
+    m = SegModel(folder, cpu, torch.float32, fast_upsampling=True)
+    assert not m.fast_upsampling
+    pixels = hf_models.model_batches(images[:2], m.preprocess, cpu)[0][1]
+    with torch.inference_mode():
+        logits = m.forward(pixels)
+        plain = m.net(pixel_values=pixels).logits
+    torch.testing.assert_close(logits, plain)
+
+
+def test_only_plain_bilinear_upsampling_modules_are_swapped():
+    """Modules whose semantics BilinearUpsample does not reproduce stay."""
+    from annotators._torch import BilinearUpsample, replace_bilinear_upsampling
+
+    class Custom(torch.nn.Upsample):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hooked = torch.nn.Upsample(scale_factor=2, mode="bilinear")
+    hooked.register_forward_hook(lambda m, a, o: o)
+    net = torch.nn.Sequential(
+        torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),  # swapped
+        torch.nn.UpsamplingBilinear2d(scale_factor=2),  # swapped
+        torch.nn.Upsample(scale_factor=1.5, mode="bilinear", recompute_scale_factor=True),
+        torch.nn.Upsample(scale_factor=2, mode="nearest"),
+        Custom(scale_factor=2, mode="bilinear"),
+        hooked,
+    )
+    x = torch.randn(1, 2, 5, 7)
+    with torch.no_grad():
+        before = net(x)
+    assert replace_bilinear_upsampling(net) == 2
+    assert [type(m).__name__ for m in net] == ["BilinearUpsample", "BilinearUpsample", "Upsample", "Upsample",
+                                               "Custom", "Upsample"]
+    assert isinstance(net[0], BilinearUpsample)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_models_with_fast_upsampling_compile(models, images):
+    """Inside torch.compile the resize is F.interpolate (the compiler makes
+    its own kernel), so compile=True keeps working with the fast path."""
+    from annotators.depth import DepthModel
+
+    torch._dynamo.reset()
+    cpu = torch.device("cpu")
+    fast = DepthModel(models["dpt"], cpu, torch.float32, fast_upsampling=True)
+    assert fast.upsamplers >= 1
+    eager = fast.predict(images[:2], ["a", "b"])
+    # dynamo's tracing (where building the matrices failed) without inductor's slow C++ build
+    fast.enable_compile(backend="eager")
+    compiled = fast.predict(images[:2], ["c", "d"])
+    assert fast.compiled.active, fast.compiled.error
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
 def test_fused_vision_attention_equals_eager(models, images):
     from annotators.caption import CaptionModel, fuse_vision_attention
 
