@@ -396,7 +396,7 @@ def bilinear_resize(x: torch.Tensor, size: tuple[int, int], align_corners: bool,
     inv = 1.0 / scale_factor if scale_factor is not None else None
     ry = _resize_matrix(h, oh, align_corners, inv, x)
     rx = _resize_matrix(w, ow, align_corners, inv, x)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         t = x.permute(0, 2, 3, 1)  # (N, H, W, C), contiguous
         t = torch.matmul(rx, t)  # (N, H, OW, C)
         t = torch.matmul(ry, t.reshape(n, h, ow * c)).reshape(n, oh, ow, c)

@@ -407,12 +407,14 @@ class ShardFn(beam.DoFn):
     def _abort_open(self) -> None:
         """Drop the shards in flight (their temporary files); a retry or a
         rerun makes them again."""
-        for shard in getattr(self, "_open", ()):
+        open_shards = getattr(self, "_open", None)
+        if open_shards is None:  # setup never ran to its end
+            return
+        for shard in open_shards:
             shard.writer.abort()
-        if hasattr(self, "_open"):
-            self._open.clear()
-            self._todo.clear()
-            self._encoding = None
+        open_shards.clear()
+        self._todo.clear()
+        self._encoding = None
 
     def _report_loading(self) -> None:
         """Model-loading seconds as counters (``load_ms_<annotator>``), once
