@@ -627,24 +627,27 @@ class OpenPose(Annotator):
         self._device = resolve_device(self._options["device"])
         self._dtype = resolve_precision(self._options["precision"], self._device)
 
-        def build(net, filename, prefixed):
+        def build(factory, filename, prefixed):
+            import torch
+
             W.verify(paths[filename], filename)
             state = W.load_state_dict(paths[filename])
             if prefixed:
                 # The body/hand files name parameters without the block prefix
                 # ("conv1_1.weight" for "model0.conv1_1.weight").
-                state = {k: state[k.split(".", 1)[1]] for k in net.state_dict()}
-            net.load_state_dict(state)
-            return W.prepare_model(net, self._device, self._dtype)
+                with torch.device("meta"):  # the names only
+                    names = list(factory().state_dict())
+                state = {k: state[k.split(".", 1)[1]] for k in names}
+            return W.prepare_model(W.build_loaded(factory, state), self._device, self._dtype)
 
-        self._hand = build(handpose_model(), HAND_FILE, True) if self._options["hands"] else None
+        self._hand = build(handpose_model, HAND_FILE, True) if self._options["hands"] else None
         if self._options["face"]:
             FaceNet = aux_module("open_pose.face").FaceNet
 
-            self._face = build(FaceNet(), FACE_FILE, False)
+            self._face = build(FaceNet, FACE_FILE, False)
         else:
             self._face = None
-        self._body = build(bodypose_model(), BODY_FILE, True)
+        self._body = build(bodypose_model, BODY_FILE, True)
 
     def detect_size(self, height: int, width: int) -> tuple[int, int]:
         res = self._options["detect_resolution"]

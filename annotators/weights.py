@@ -258,9 +258,29 @@ def load_network(factory: Callable[[], Any], filename: str, options: dict[str, A
     state = load_weights(filename, options["weights"])
     device = resolve_device(options["device"])
     dtype = resolve_precision(options["precision"], device)
-    net = factory()
-    net.load_state_dict(state, strict=strict)
-    return prepare_model(net, device, dtype), device, dtype
+    return prepare_model(build_loaded(factory, state, strict), device, dtype), device, dtype
+
+
+def build_loaded(factory: Callable[[], Any], state: dict[str, Any], strict: bool = True):
+    """``factory()`` with ``state`` loaded into it, built without first
+    filling its layers with random numbers: the modules are made on the meta
+    device and take the loaded tensors themselves. Falls back to a normal
+    build when that leaves anything unloaded (a buffer the file does not
+    hold, with ``strict=False``, say). Random initialisation of a large
+    network is seconds of CPU work per worker process, repeated for every
+    process that starts at once."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            net = factory()
+        net.load_state_dict(state, strict=strict, assign=True)
+    except (RuntimeError, NotImplementedError, TypeError):
+        net = None
+    if net is None or any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        net = factory()
+        net.load_state_dict(state, strict=strict)
+    return net
 
 
 def resolve_names(names: Iterable[str] | None) -> list[str]:

@@ -9,6 +9,7 @@ utilisation sampled with nvidia-smi, and each annotator's share of time.
     python bench/bench_e2e.py --images 2000              # one GPU
     python bench/bench_e2e.py --images 2000 --gpus 2     # a worker process per GPU
     python bench/bench_e2e.py --images 4000 --gpus 2 --modes one,processes
+    python bench/bench_e2e.py --images 4000 --gpus 1 --workers-per-gpu 2 --modes one,processes
     python bench/bench_e2e.py --smoke                    # tiny CPU check
 
 Each pipeline runs in a fresh Python process, as ``controlset annotate``
@@ -156,6 +157,24 @@ def steady_rate(out: Path, workers: int = 1) -> float | None:
     return round(images / span, 2) if span > 0 else None
 
 
+def steady_rate_per_worker(trace_file: Path) -> tuple[float | None, dict[int, float]]:
+    """Images/s of each worker process once it committed its first shard
+    (from the trace's ``shard_commit`` events: the images of its later
+    shards over the time from its first commit to its last), and their sum.
+    Workers that committed one shard only are left out (None if all were)."""
+    commits: dict[int, list[tuple[float, int]]] = {}
+    for line in trace_file.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("event") == "shard_commit":
+            commits.setdefault(e["pid"], []).append((e["t"], e["written"]))
+    rates = {}
+    for pid, rows in commits.items():
+        rows.sort()
+        if len(rows) >= 2 and rows[-1][0] > rows[0][0]:
+            rates[pid] = round(sum(n for _, n in rows[1:]) / (rows[-1][0] - rows[0][0]), 2)
+    return (round(sum(rates.values()), 2) if rates else None), rates
+
+
 def commit_times(out: Path, start: float) -> list[float]:
     """Seconds from the run's start (epoch ``start``) to each shard's commit,
     in commit order: the first ``workers`` of them show start-up (imports,
@@ -263,13 +282,14 @@ def child_main(spec_file: str) -> None:
 
 
 def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: str | None = None,
-             label: str | None = None, io_threads: int = 0) -> dict:
+             label: str | None = None, io_threads: int = 0, per_gpu: int = 1, gpus: int = 0) -> dict:
     """One pipeline run in ``mode`` (with the pipeline code of the checkout
-    ``code``, default this one): its figures and timeline."""
+    ``code``, default this one; ``gpus`` GPUs with ``per_gpu`` worker
+    processes each in mode 'processes'): its figures and timeline."""
     label = label or mode
     out = work / f"out-{mode}"
     shutil.rmtree(out, ignore_errors=True)
-    gpus = args.gpus if mode != "one" else 0
+    gpus = gpus if mode != "one" else 0
     opts = {
         "inputs": [str(work / "in")], "output": str(out),
         "annotators": [(n, models[n]) for n in names],
@@ -278,6 +298,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     }
     if io_threads:
         opts["io_threads"] = io_threads
+    if gpus and per_gpu > 1:  # only when asked: a baseline checkout may predate the option
+        opts["workers_per_gpu"] = per_gpu
     beam_args: list[str] = []
     if mode == "one" and args.processes:
         beam_args = ["--direct_running_mode=multi_processing", f"--direct_num_workers={args.processes}"]
@@ -293,8 +315,9 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         t0 = time.perf_counter()
         stats = run_child(spec)
         wall = time.perf_counter() - t0
-    workers = max(1, gpus or args.processes or args.threads or 1)
+    workers = max(1, gpus * per_gpu or args.processes or args.threads or 1)
     steady = steady_rate(out, workers)
+    steady_workers, per_worker = steady_rate_per_worker(trace_file)
     commits = sorted(t.stat().st_mtime for t in out.glob("*.tar"))
     steady_util = gpu.window(commits[workers - 1], commits[-1]) if len(commits) > workers else {}
     counters = stats.get("counters", {})
@@ -315,6 +338,7 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     total_ms = sum(ms.values()) or 1
     result = {
         "mode": mode, "label": label, "code": code or "this checkout", "gpus": gpus or 1, "beam_args": beam_args,
+        "workers_per_gpu": per_gpu if gpus else 1,
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
         # the whole `controlset annotate` process: interpreter start, imports,
         # Beam start-up, model loading, graph capture, every shard
@@ -322,6 +346,9 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         "images_per_s": round(stats["written"] / wall, 2),
         "run_annotate_seconds": round(stats.get("seconds", float("nan")), 2),
         "steady_images_per_s": steady,
+        # the sum of each worker's own steady rate (robust when workers' commits interleave)
+        "steady_images_per_s_sum_of_workers": steady_workers,
+        "steady_images_per_s_per_worker": per_worker,
         "gpu": gpu.summary(),
         # utilisation while the steady rate was measured
         "steady_util_percent_per_gpu": steady_util,
@@ -348,7 +375,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--side", type=int, default=576, help="short side of the input JPEGs")
     ap.add_argument("--resolution", type=int, default=512)
-    ap.add_argument("--gpus", type=int, default=0, help="GPUs of the 'processes' mode")
+    ap.add_argument("--gpus", default="0",
+                    help="GPUs of the 'processes' mode, comma-separated (a run for each): G, or GxW for G GPUs "
+                         "with W worker processes each")
     ap.add_argument("--modes", default=None,
                     help="pipeline runs on the same inputs, in order, from: one (one GPU, in process), "
                          "processes (--gpus N, a worker process per GPU); default: one, or processes with --gpus")
@@ -371,6 +400,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--io-threads", default="",
                     help="comma-separated decode/encode thread counts per worker to run each mode with "
                          "(default: the pipeline's own default)")
+    ap.add_argument("--workers-per-gpu", default="1",
+                    help="comma-separated worker processes per GPU to run mode 'processes' with "
+                         "(the pipeline's --workers-per-gpu; default 1)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the work folder here")
     ap.add_argument("--traces", default=None, metavar="DIR",
@@ -378,11 +410,18 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.side, args.resolution, args.reference_images = 16, 160, 128, 2
-    modes = [m for m in (args.modes or ("processes" if args.gpus else "one")).split(",") if m]
+    # "G" runs G GPUs with each --workers-per-gpu value; "GxW" G GPUs with W workers each
+    gpu_runs: list[tuple[int, int | None]] = []
+    for v in filter(None, args.gpus.split(",")):
+        g, _, w = v.partition("x")
+        if int(g) > 0:
+            gpu_runs.append((int(g), int(w) if w else None))
+    gpu_counts = sorted({g for g, _ in gpu_runs})
+    modes = [m for m in (args.modes or ("processes" if gpu_counts else "one")).split(",") if m]
     for m in modes:
         if m not in MODES:
             ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
-        if m != "one" and args.gpus < 1:
+        if m != "one" and not gpu_counts:
             ap.error(f"mode {m!r} needs --gpus N")
 
     import torch
@@ -396,16 +435,20 @@ def main(argv=None) -> dict:
     names = [n for n in args.annotators.split(",") if n]
     runs = {}
     io_list = [int(v) for v in args.io_threads.split(",") if v] or [0]
+    per_gpu_list = [int(v) for v in args.workers_per_gpu.split(",") if v] or [1]
     for m in modes:
         for r in range(args.repeat):
             for io in io_list:
-                tag = f"@io{io}" if io else ""
-                if args.baseline_code:
-                    label = f"{m}{tag}@baseline#{r + 1}"
-                    runs[label] = run_mode(m, args, work, names, models, str(Path(args.baseline_code).resolve()),
-                                           label, io)
-                label = f"{m}{tag}#{r + 1}" if args.repeat > 1 or args.baseline_code else f"{m}{tag}"
-                runs[label] = run_mode(m, args, work, names, models, None, label, io)
+                pairs = [(g, w) for g, fixed in gpu_runs for w in ([fixed] if fixed else per_gpu_list)]
+                for gpus, per_gpu in pairs if m == "processes" else [(0, 1)]:
+                    tag = (f"@io{io}" if io else "") + (f"@g{gpus}" if len(gpu_counts) > 1 else "") \
+                        + (f"@w{per_gpu}" if per_gpu > 1 else "")
+                    if args.baseline_code:
+                        label = f"{m}{tag}@baseline#{r + 1}"
+                        runs[label] = run_mode(m, args, work, names, models,
+                                               str(Path(args.baseline_code).resolve()), label, io, per_gpu, gpus)
+                    label = f"{m}{tag}#{r + 1}" if args.repeat > 1 or args.baseline_code else f"{m}{tag}"
+                    runs[label] = run_mode(m, args, work, names, models, None, label, io, per_gpu, gpus)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
     try:
@@ -437,7 +480,8 @@ def main(argv=None) -> dict:
     print("summary:", flush=True)
     for m, r in runs.items():
         print(f"  {m:20s} gpus {r['gpus']}: {r['images_per_s']:7.1f} img/s wall ({r['process_seconds']:.1f} s), "
-              f"steady {r['steady_images_per_s']}, first commit "
+              f"steady {r['steady_images_per_s']} (sum of workers {r['steady_images_per_s_sum_of_workers']}), "
+              f"first commit "
               f"{r['commit_seconds'][0] if r['commit_seconds'] else None} s, gpu {r['gpu']}", flush=True)
     print(f"  reference chain: {ref_rate:.3f} img/s", flush=True)
     if not args.keep:

@@ -235,6 +235,13 @@ class PlanShardFn(beam.DoFn):
         yield (index, digest, cands)
 
 
+#: Annotated batches a worker may have encoding while it annotates the next
+#: one. Two measured no faster than one (BENCHMARKS.md): where encoding is
+#: slower than annotating, a deeper queue only fills up, and each batch in
+#: it holds every annotation array of its images.
+ENCODE_AHEAD = 1
+
+
 @dataclasses.dataclass
 class _OpenShard:
     """A shard being made: its writer and the batches not yet written."""
@@ -257,11 +264,12 @@ class ShardFn(beam.DoFn):
     decode and encode. CPU annotators run on a thread pool beside GPU ones.
 
     The shards of a bundle flow through one pipeline of batches: batch k+1
-    is decoded and batch k-1 encoded while batch k is annotated, across shard
-    boundaries too. The last batch of a shard is annotated only when the next
-    element has arrived (or the bundle ends), so the next shard's first batch
-    decodes meanwhile, and the last batch's encoding overlaps the next
-    shard's first batch; the accelerator does not wait at shard boundaries.
+    is decoded and batch k-1 (up to ``ENCODE_AHEAD`` batches) is encoded
+    while batch k is annotated, across shard boundaries too. The last batch of a
+    shard is annotated only when the next element has arrived (or the bundle
+    ends), so the next shard's first batch decodes meanwhile, and the last
+    batch's encoding overlaps the next shard's first batches; the
+    accelerator does not wait at shard boundaries.
     A shard is committed, and its summary emitted, once its last batch is
     written: during a later element's ``process`` (the summary then takes
     that element's window and timestamp; every element here is in the
@@ -299,8 +307,8 @@ class ShardFn(beam.DoFn):
         self.fs, self.root = url_to_fs(self.opts.output)
         #: batches not yet annotated: [shard, index in shard, candidates, decode future]
         self._todo: deque = deque()
-        #: the last annotated batch, being encoded: (shard, staged, images)
-        self._encoding: tuple | None = None
+        #: annotated batches being encoded, oldest first: (shard, staged, images)
+        self._encoding: deque = deque()
         self._open: list[_OpenShard] = []
         # where the bundle thread's time goes: waiting for decoding,
         # annotating (GPU and CPU annotators), waiting for encoding
@@ -340,7 +348,8 @@ class ShardFn(beam.DoFn):
             summaries = []
             while self._todo:
                 summaries += list(self._step())
-            summaries += list(self._write_encoded())
+            while self._encoding:
+                summaries += list(self._write_encoded())
         except BaseException:
             self._abort_open()
             raise
@@ -369,17 +378,18 @@ class ShardFn(beam.DoFn):
             trace("first_batch_annotated", shard=shard.index, seconds=round(t2 - t1, 3))
         self._waits["wait_decode"] += t1 - t0
         self._waits["annotate"] += t2 - t1
-        # encoding of the previous batch ran while this one was annotated
-        yield from self._write_encoded()
-        self._encoding = (shard, staged, len(cands))
+        # the batches annotated before encode while this one is annotated;
+        # the oldest are written once more than ENCODE_AHEAD are in flight
+        self._encoding.append((shard, staged, len(cands)))
+        while len(self._encoding) > ENCODE_AHEAD:
+            yield from self._write_encoded()
 
     def _write_encoded(self) -> Iterable[ShardSummary]:
-        """Write the batch being encoded into its shard; commit the shard
-        when that was its last batch."""
-        if self._encoding is None:
+        """Write the oldest batch being encoded into its shard; commit the
+        shard when that was its last batch."""
+        if not self._encoding:
             return
-        shard, staged, n = self._encoding
-        self._encoding = None
+        shard, staged, n = self._encoding.popleft()
         t0 = time.perf_counter()
         self._write(staged, n, shard.writer)
         self._waits["wait_encode"] += time.perf_counter() - t0
@@ -414,7 +424,7 @@ class ShardFn(beam.DoFn):
             shard.writer.abort()
         open_shards.clear()
         self._todo.clear()
-        self._encoding = None
+        self._encoding.clear()
 
     def _report_loading(self) -> None:
         """Model-loading seconds as counters (``load_ms_<annotator>``), once
@@ -498,6 +508,8 @@ class LoadedAnnotators:
         for a in self.annotators:
             a.import_code()
         trace("imported", seconds=round(time.perf_counter() - started, 3))
+        if gpu_index is not None:
+            _share_torch_threads(opts.gpus * opts.workers_per_gpu)
         if imported is not None:
             imported.set()
         #: milliseconds each annotator took to load, not yet counted
@@ -665,13 +677,30 @@ def _own_cuda_stream(gpu_index: int | None) -> None:
     torch.cuda.set_stream(torch.cuda.Stream(device))
 
 
+def _share_torch_threads(workers: int) -> None:
+    """Give torch's CPU operations (building and loading networks, CPU-side
+    pre- and post-processing) this process's share of the host's cores:
+    each of ``workers`` local worker processes would otherwise start a
+    thread per core, and several loading models at once then fight over the
+    cores instead of sharing them."""
+    import os
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or workers <= 1:
+        return
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 _CLAIMED_GPU: int | None = None
 
 
 def claim_gpu(opts: AnnotateOptions) -> int:
-    """A GPU index for this worker process, distinct from the other workers
-    of the same run: lock files under the system temp folder, one per GPU, so
-    no two worker processes share a GPU."""
+    """A GPU index for this worker process: ``opts.gpus`` GPUs with
+    ``opts.workers_per_gpu`` worker slots each, claimed through lock files
+    under the system temp folder (one per slot), so no GPU gets more
+    workers than asked. Slots go round the GPUs (slot ``i`` is GPU
+    ``i % gpus``): the first ``gpus`` workers each get a GPU of their own."""
     global _CLAIMED_GPU
     if _CLAIMED_GPU is not None:
         return _CLAIMED_GPU
@@ -680,16 +709,17 @@ def claim_gpu(opts: AnnotateOptions) -> int:
 
     folder = os.path.join(tempfile.gettempdir(), f"controlset-gpus-{opts.run_id}")
     os.makedirs(folder, exist_ok=True)
-    for i in range(opts.gpus):
+    for slot in range(opts.gpus * opts.workers_per_gpu):
         try:
-            fd = os.open(os.path.join(folder, f"gpu-{i}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(os.path.join(folder, f"gpu-{slot}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
-        _CLAIMED_GPU = i
-        return i
-    raise RuntimeError(f"more worker processes than --gpus {opts.gpus}; each GPU already has a worker")
+        _CLAIMED_GPU = slot % opts.gpus
+        return _CLAIMED_GPU
+    raise RuntimeError(f"more worker processes than --gpus {opts.gpus} x --workers-per-gpu {opts.workers_per_gpu}; "
+                       "every worker slot is taken")
 
 
 #: Batch size of a neural annotator on a machine without a GPU (their

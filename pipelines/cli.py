@@ -124,6 +124,7 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             annotator_batch_sizes=_annotator_batches(args.annotator_batch or []),
             gates=tuple(args.gate or []) + tuple(config.get("gates") or []),
             gpus=_gpu_count(args.gpus),
+            workers_per_gpu=args.workers_per_gpu,
             near_duplicates=args.near_duplicates,
             reduced_jpeg_decode=not args.full_jpeg_decode,
             io_threads=args.io_threads,
@@ -254,6 +255,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "GPU works (default: half the CPUs per local worker, 2 to 8)")
     p.add_argument("--gpus", default=None, metavar="N|all",
                    help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
+    p.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",
+                   help="worker processes sharing each GPU (default 1; with 2, each has its own models and "
+                        "interpreter lock, which keeps the GPU busier when host-side Python is the limit; "
+                        "implies --gpus 1 if --gpus is not given)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="default: bf16 on GPU, fp32 on CPU")
     p.set_defaults(func=cmd_annotate, passthrough=True)

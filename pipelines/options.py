@@ -38,7 +38,11 @@ class AnnotateOptions:
     io_threads: int = 0  # decode/encode threads per worker process; 0: half the CPUs per local worker, 2 to 8
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
     cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: as io_threads
-    gpus: int = 0  # >0: one worker process per GPU, each claiming its own
+    gpus: int = 0  # >0: worker processes claiming GPUs, workers_per_gpu on each
+    #: worker processes sharing each GPU (>1 only when asked: each process
+    #: has its own interpreter lock and models, which helps when one
+    #: process's host work keeps its GPU waiting)
+    workers_per_gpu: int = 1
     run_id: str = ""  # distinguishes concurrent runs (GPU claims, preloaded models); set per run
     jpeg_quality: int = JPEG_QUALITY
     #: decode large JPEGs at a reduced DCT scale when their crop keeps at
@@ -53,6 +57,8 @@ class AnnotateOptions:
             raise ValueError(f"cpu threads must be >= 0, got {self.cpu_threads}")
         if self.gpu_threads < 1:
             raise ValueError(f"gpu threads must be >= 1, got {self.gpu_threads}")
+        if self.workers_per_gpu < 1:
+            raise ValueError(f"workers per GPU must be >= 1, got {self.workers_per_gpu}")
         if self.resolution < 64 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
         if self.shard_size < 1:

@@ -72,13 +72,17 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     fs, root = open_output_fs(opts.output)
     beam_args = list(beam_args or [])
     opts = replace(opts, run_id=opts.run_id or uuid.uuid4().hex)
+    if opts.workers_per_gpu > 1 and not opts.gpus:
+        opts = replace(opts, gpus=1)  # workers sharing a GPU: the first one
     if opts.gpus:
         if not any(a.startswith("--runner") for a in beam_args) and not any(
                 a.startswith("--direct_running_mode") for a in beam_args):
-            # One worker process per GPU; each claims its own GPU. (One
-            # process driving every GPU from threads measured slower: the
-            # workers' Python work then shares one GIL; BENCHMARKS.md.)
-            beam_args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={opts.gpus}"]
+            # One worker process per GPU (or workers_per_gpu of them); each
+            # claims its GPU. (One process driving every GPU from threads
+            # measured slower: the workers' Python work then shares one
+            # GIL; BENCHMARKS.md.)
+            beam_args += ["--direct_running_mode=multi_processing",
+                          f"--direct_num_workers={opts.gpus * opts.workers_per_gpu}"]
     fingerprint = opts.fingerprint(descriptions)
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()

@@ -173,6 +173,38 @@ def test_gpu_claims_are_distinct_per_worker(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / f"controlset-gpus-{opts.run_id}").iterdir()) == ["gpu-0", "gpu-1"]
 
 
+@pytest.mark.parametrize("gpus,per_gpu", [(1, 2), (2, 2), (3, 1)])
+def test_gpu_claims_with_workers_sharing_a_gpu(tmp_path, monkeypatch, gpus, per_gpu):
+    import tempfile
+    import uuid
+    from collections import Counter
+
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    opts = AnnotateOptions(inputs=("x",), output="y", gpus=gpus, workers_per_gpu=per_gpu,
+                           run_id=f"test-{uuid.uuid4().hex}")
+    claims = []
+    for _ in range(gpus * per_gpu):  # each as its own worker process
+        monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
+        claims.append(pb.claim_gpu(opts))
+    # the first workers spread over the GPUs; then each GPU gets exactly per_gpu
+    assert sorted(claims[:gpus]) == list(range(gpus))
+    assert Counter(claims) == {g: per_gpu for g in range(gpus)}
+    monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
+    with pytest.raises(RuntimeError, match="workers-per-gpu"):
+        pb.claim_gpu(opts)
+
+
+def test_workers_per_gpu_option_is_checked_and_kept_out_of_the_fingerprint():
+    with pytest.raises(ValueError, match="workers per GPU"):
+        AnnotateOptions(inputs=("x",), output="y", workers_per_gpu=0)
+    one = AnnotateOptions(inputs=("x",), output="y", gpus=1)
+    two = AnnotateOptions(inputs=("x",), output="y", gpus=1, workers_per_gpu=2)
+    # how many processes share a GPU never changes what a shard holds
+    assert one.fingerprint({}) == two.fingerprint({})
+
+
 def test_near_duplicates_by_perceptual_hash(photos_dir, tmp_path):
     from PIL import Image
 
@@ -670,3 +702,29 @@ def test_a_failed_commit_drops_the_shards_in_flight_and_a_rerun_completes(photos
     clean = annotate([photos_dir], tmp_path / "clean", shard_size=2, batch_size=1)
     assert stats["written"] == clean["written"]
     assert tree_bytes(out, "*.tar") == tree_bytes(tmp_path / "clean", "*.tar")
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_batches_encode_while_later_ones_are_annotated(photos_dir, tmp_path, monkeypatch, ahead):
+    """Up to ENCODE_AHEAD annotated batches encode while the next is
+    annotated; the oldest is written only when one more is in flight, and
+    the shards are the same bytes at any depth."""
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(pb, "ENCODE_AHEAD", ahead)
+    in_flight = []
+    real_write = pb.ShardFn._write_encoded
+
+    def counting_write(self):
+        in_flight.append(len(self._encoding))
+        return real_write(self)
+
+    monkeypatch.setattr(pb.ShardFn, "_write_encoded", counting_write)
+    stats = annotate([photos_dir], tmp_path / "a", shard_size=2, batch_size=1)
+    assert stats["written"] == 6
+    # six one-image batches: the first write waits until ahead + 1 are in flight
+    assert in_flight[0] == max(in_flight) == ahead + 1
+    monkeypatch.setattr(pb, "ENCODE_AHEAD", 1)
+    monkeypatch.setattr(pb.ShardFn, "_write_encoded", real_write)
+    annotate([photos_dir], tmp_path / "b", shard_size=2, batch_size=1)
+    assert tree_bytes(tmp_path / "a", "*.tar") == tree_bytes(tmp_path / "b", "*.tar")

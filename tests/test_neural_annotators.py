@@ -678,3 +678,43 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_networks_are_built_from_their_files_without_random_initialisation(monkeypatch):
+    """build_loaded makes the layers on the meta device and hands them the
+    file's tensors (no random fill first); a buffer the file lacks falls back
+    to a normal build, so nothing is ever left on the meta device."""
+    import torch
+
+    from annotators import weights as W
+
+    class Net(torch.nn.Module):
+        def __init__(self, extra_buffer: bool = False) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+            if extra_buffer:  # not in any state dict: only a normal build makes it
+                self.register_buffer("scale", torch.full((4,), 2.0), persistent=False)
+
+    torch.manual_seed(0)
+    state = Net().state_dict()
+    fills = []
+    real_uniform = torch.nn.init.kaiming_uniform_
+
+    def counting_uniform(tensor, *a, **kw):
+        fills.append(tensor.device.type)
+        return real_uniform(tensor, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting_uniform)
+    net = W.build_loaded(Net, state)
+    assert set(fills) <= {"meta"}  # no random numbers were drawn for real tensors
+    for name, tensor in net.state_dict().items():
+        assert not tensor.is_meta and torch.equal(tensor, state[name]), name
+
+    fills.clear()
+    with_buffer = W.build_loaded(lambda: Net(extra_buffer=True), state)
+    assert "cpu" in fills  # the fallback built it normally
+    assert torch.equal(with_buffer.scale, torch.full((4,), 2.0))
+    assert torch.equal(with_buffer.conv.weight, state["conv.weight"])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        W.build_loaded(Net, {k: v for k, v in state.items() if k != "bn.weight"})

@@ -315,6 +315,22 @@ def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path):
     assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "single")
 
 
+def test_workers_sharing_a_gpu_give_identical_shards(photos_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    # --workers-per-gpu 2 without --gpus: two worker processes claiming the
+    # one GPU's two slots (no annotator here uses it)
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # the worker processes' too
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    annotate([photos_dir], tmp_path / "single", shard_size=2)
+    stats = annotate([photos_dir], tmp_path / "shared", shard_size=2, workers_per_gpu=2)
+    assert stats["written"] == 6
+    assert tree_bytes(tmp_path / "shared") == tree_bytes(tmp_path / "single")
+    # the run's GPU claims are gone with it
+    assert not list((tmp_path / "tmp").glob("controlset-gpus-*"))
+
+
 def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
