@@ -282,7 +282,8 @@ def child_main(spec_file: str) -> None:
 
 
 def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: str | None = None,
-             label: str | None = None, io_threads: int = 0, per_gpu: int = 1, gpus: int = 0) -> dict:
+             label: str | None = None, io_threads: int = 0, per_gpu: int = 1, gpus: int = 0,
+             cpu_threads: int = 0) -> dict:
     """One pipeline run in ``mode`` (with the pipeline code of the checkout
     ``code``, default this one; ``gpus`` GPUs with ``per_gpu`` worker
     processes each in mode 'processes'): its figures and timeline."""
@@ -298,6 +299,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     }
     if io_threads:
         opts["io_threads"] = io_threads
+    if cpu_threads:
+        opts["cpu_threads"] = cpu_threads
     if gpus and per_gpu > 1:  # only when asked: a baseline checkout may predate the option
         opts["workers_per_gpu"] = per_gpu
     beam_args: list[str] = []
@@ -398,8 +401,8 @@ def main(argv=None) -> dict:
                          "alternating with this one's (baseline, current, baseline, current, ...)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per mode (and per checkout)")
     ap.add_argument("--io-threads", default="",
-                    help="comma-separated decode/encode thread counts per worker to run each mode with "
-                         "(default: the pipeline's own default)")
+                    help="comma-separated decode/encode thread counts per worker to run each mode with, "
+                         "each N or N/M (M: CPU-annotator threads) (default: the pipeline's own defaults)")
     ap.add_argument("--workers-per-gpu", default="1",
                     help="comma-separated worker processes per GPU to run mode 'processes' with "
                          "(the pipeline's --workers-per-gpu; default 1)")
@@ -434,21 +437,24 @@ def main(argv=None) -> dict:
     setup_s = time.perf_counter() - t0
     names = [n for n in args.annotators.split(",") if n]
     runs = {}
-    io_list = [int(v) for v in args.io_threads.split(",") if v] or [0]
+    # "N": N decode/encode threads; "N/M": and M CPU-annotator threads
+    io_list = [tuple(int(x) for x in (v.split("/") + ["0"])[:2]) for v in args.io_threads.split(",") if v] \
+        or [(0, 0)]
     per_gpu_list = [int(v) for v in args.workers_per_gpu.split(",") if v] or [1]
     for m in modes:
         for r in range(args.repeat):
-            for io in io_list:
+            for io, cpu in io_list:
                 pairs = [(g, w) for g, fixed in gpu_runs for w in ([fixed] if fixed else per_gpu_list)]
                 for gpus, per_gpu in pairs if m == "processes" else [(0, 1)]:
-                    tag = (f"@io{io}" if io else "") + (f"@g{gpus}" if len(gpu_counts) > 1 else "") \
+                    tag = (f"@io{io}" if io else "") + (f"c{cpu}" if cpu else "") + (f"@g{gpus}" if len(gpu_counts) > 1 else "") \
                         + (f"@w{per_gpu}" if per_gpu > 1 else "")
                     if args.baseline_code:
                         label = f"{m}{tag}@baseline#{r + 1}"
                         runs[label] = run_mode(m, args, work, names, models,
-                                               str(Path(args.baseline_code).resolve()), label, io, per_gpu, gpus)
+                                               str(Path(args.baseline_code).resolve()), label, io, per_gpu, gpus,
+                                               cpu)
                     label = f"{m}{tag}#{r + 1}" if args.repeat > 1 or args.baseline_code else f"{m}{tag}"
-                    runs[label] = run_mode(m, args, work, names, models, None, label, io, per_gpu, gpus)
+                    runs[label] = run_mode(m, args, work, names, models, None, label, io, per_gpu, gpus, cpu)
     ref_images = [np.asarray(cv2.resize(cv2.imread(str(p))[..., ::-1], (args.resolution, args.resolution)))
                   for p in sorted((work / "in").glob("*.jpg"))[: args.reference_images]]
     try:

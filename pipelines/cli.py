@@ -246,13 +246,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available)")
     p.add_argument("--io-threads", type=int, default=0, metavar="N",
                    help="decode/encode threads per worker process, also probing remote inputs (default: "
-                        "half the CPUs of this machine per local worker, 2 to 8; set it for remote runners)")
+                        "half the CPUs of this machine per local worker, 2 to 8, at most 4 with GPU annotators; "
+                        "set it for remote runners)")
     p.add_argument("--gpu-threads", type=int, default=2, metavar="N",
                    help="GPU annotators that run side by side in a worker, so one's host-side work overlaps "
                    "another's kernels (default 2; 1: one after another)")
     p.add_argument("--cpu-threads", type=int, default=0, metavar="N",
                    help="threads per worker that share the CPU annotators' images (Canny, Hough) while the "
-                   "GPU works (default: half the CPUs per local worker, 2 to 8)")
+                   "GPU works (default: as --io-threads)")
     p.add_argument("--gpus", default=None, metavar="N|all",
                    help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
     p.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",

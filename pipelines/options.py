@@ -98,12 +98,12 @@ class AnnotateOptions:
         return asdict(self)
 
 
-def default_threads(workers: int = 1) -> int:
+def default_threads(workers: int = 1, cap: int | None = None) -> int:
     """Decode/encode threads, and CPU-annotator threads, per worker process:
     half the machine's CPUs divided among ``workers`` local worker processes
-    (2 to 8; the other half runs the other kind), so local runs do not
-    oversubscribe the cores."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2 // max(1, workers)))
+    (2 to 8, or to ``cap``; the other half runs the other kind), so local
+    runs do not oversubscribe the cores."""
+    return max(2, min(cap or 8, 8, (os.cpu_count() or 2) // 2 // max(1, workers)))
 
 
 _GATE_RE = re.compile(r"^\s*([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\s*(>=|<=|==|!=|>|<)\s*(-?[0-9.]+)\s*$")

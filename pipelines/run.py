@@ -48,6 +48,11 @@ def describe_annotators(opts: AnnotateOptions) -> dict[str, dict]:
     return out
 
 
+#: Default decode/encode and CPU-annotator threads per worker process, at
+#: most, when GPU annotators are selected.
+GPU_RUN_THREADS = 4
+
+
 def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> dict[str, Any]:
     """Run the annotate pipeline and return the stats written to ``stats.json``.
 
@@ -88,11 +93,16 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
     workers = local_workers(beam_args)
+    from annotators import get_annotator_class
+
+    # With GPU annotators a worker is bound by its interpreter lock, not by
+    # cores: fewer threads per worker measured faster (BENCHMARKS.md).
+    cap = GPU_RUN_THREADS if any(get_annotator_class(n).uses_gpu for n in names) else None
     if not opts.io_threads:
-        opts = replace(opts, io_threads=default_threads(workers))
+        opts = replace(opts, io_threads=default_threads(workers, cap))
     if not opts.cpu_threads:
         # the same share of the cores for the CPU annotators' threads
-        opts = replace(opts, cpu_threads=default_threads(workers))
+        opts = replace(opts, cpu_threads=default_threads(workers, cap))
     p = beam.Pipeline(options=pipeline_options(beam_args))
     input_list = write_input_list(fs, root, opts.run_id, refs)
     try:

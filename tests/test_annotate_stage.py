@@ -728,3 +728,37 @@ def test_batches_encode_while_later_ones_are_annotated(photos_dir, tmp_path, mon
     monkeypatch.setattr(pb.ShardFn, "_write_encoded", real_write)
     annotate([photos_dir], tmp_path / "b", shard_size=2, batch_size=1)
     assert tree_bytes(tmp_path / "a", "*.tar") == tree_bytes(tmp_path / "b", "*.tar")
+
+
+def test_default_threads_share_the_cores_and_stay_fewer_for_gpu_runs(photos_dir, tmp_path, monkeypatch):
+    import os
+
+    import annotators.registry as registry
+    import pipelines.run as run_mod
+    from pipelines.options import default_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert [default_threads(w) for w in (1, 2, 4, 8, 16)] == [8, 8, 4, 2, 2]
+    assert [default_threads(w, cap=4) for w in (1, 2, 4, 8)] == [4, 4, 4, 2]
+
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def capture(p, opts, *a, **kw):
+        seen[tuple(n for n, _ in opts.annotators)] = (opts.io_threads, opts.cpu_threads)
+        raise Planned
+
+    monkeypatch.setattr(run_mod, "build_pipeline", capture)
+    monkeypatch.setitem(registry._REGISTRY, _MemoryHungry.name, _MemoryHungry)
+    for names in (("canny",), ("canny", _MemoryHungry.name)):
+        with pytest.raises(Planned):
+            annotate([photos_dir], tmp_path / "out", annotators=tuple((n, {}) for n in names))
+    assert seen[("canny",)] == (8, 8)  # CPU annotators only: half the cores
+    assert seen[("canny", _MemoryHungry.name)] == (4, 4)  # with a GPU annotator: at most GPU_RUN_THREADS
+    # explicit values are kept
+    with pytest.raises(Planned):
+        annotate([photos_dir], tmp_path / "out", annotators=(("canny", {}), (_MemoryHungry.name, {})),
+                 io_threads=6, cpu_threads=3)
+    assert seen[("canny", _MemoryHungry.name)] == (6, 3)
