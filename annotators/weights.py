@@ -275,12 +275,21 @@ def build_loaded(factory: Callable[[], Any], state: dict[str, Any], strict: bool
         with torch.device("meta"):
             net = factory()
         net.load_state_dict(state, strict=strict, assign=True)
-    except (RuntimeError, NotImplementedError, TypeError):
+    except Exception:  # whatever a meta build trips on, the normal build decides
         net = None
-    if net is None or any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+    if net is None or _has_meta_tensors(net):
         net = factory()
         net.load_state_dict(state, strict=strict)
     return net
+
+
+def _has_meta_tensors(net) -> bool:
+    """Any parameter, buffer or plain tensor attribute still on the meta device."""
+    import torch
+
+    if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        return True
+    return any(isinstance(v, torch.Tensor) and v.is_meta for m in net.modules() for v in vars(m).values())
 
 
 def resolve_names(names: Iterable[str] | None) -> list[str]:

@@ -163,8 +163,12 @@ def steady_rate_per_worker(trace_file: Path) -> tuple[float | None, dict[int, fl
     shards over the time from its first commit to its last), and their sum.
     Workers that committed one shard only are left out (None if all were)."""
     commits: dict[int, list[tuple[float, int]]] = {}
-    for line in trace_file.read_text().splitlines():
-        e = json.loads(line)
+    lines = trace_file.read_text().splitlines() if trace_file.exists() else []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:  # a line cut short by a killed process
+            continue
         if e.get("event") == "shard_commit":
             commits.setdefault(e["pid"], []).append((e["t"], e["written"]))
     rates = {}

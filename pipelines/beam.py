@@ -152,7 +152,8 @@ class ProbeFn(beam.DoFn):
         trace("probe_setup")
         preload_annotators(self.opts)
         settle_imports(self.opts)
-        self._pool = ThreadPoolExecutor(max_workers=self.opts.io_threads or default_threads(),
+        self._pool = ThreadPoolExecutor(max_workers=self.opts.probe_threads or self.opts.io_threads
+                                        or default_threads(),
                                         thread_name_prefix="controlset-probe")
 
     def teardown(self) -> None:
@@ -679,10 +680,11 @@ def _own_cuda_stream(gpu_index: int | None) -> None:
 
 def _share_torch_threads(workers: int) -> None:
     """Give torch's CPU operations (building and loading networks, CPU-side
-    pre- and post-processing) this process's share of the host's cores:
-    each of ``workers`` local worker processes would otherwise start a
-    thread per core, and several loading models at once then fight over the
-    cores instead of sharing them."""
+    pre- and post-processing) this process's share of the host's cores,
+    ``workers`` being the run's GPU worker processes per host (``gpus`` x
+    ``workers_per_gpu``): each would otherwise start a thread per core, and
+    several loading models at once then fight over the cores instead of
+    sharing them."""
     import os
     import sys
 

@@ -109,6 +109,8 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
     unknown = unknown_beam_args(extra)
     if unknown:
         raise UsageError(f"unrecognized arguments (neither controlset nor Beam options): {' '.join(unknown)}")
+    if args.gpus is not None and _gpu_count(args.gpus) == 0 and args.workers_per_gpu > 1:
+        raise UsageError("--workers-per-gpu needs a GPU; --gpus 0 gives none")
     try:
         opts = AnnotateOptions(
             inputs=tuple(args.inputs),
@@ -253,9 +255,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "another's kernels (default 2; 1: one after another)")
     p.add_argument("--cpu-threads", type=int, default=0, metavar="N",
                    help="threads per worker that share the CPU annotators' images (Canny, Hough) while the "
-                   "GPU works (default: as --io-threads)")
+                   "GPU works (default: the same rule as --io-threads)")
     p.add_argument("--gpus", default=None, metavar="N|all",
-                   help="one worker process per GPU on this host (DirectRunner), none sharing a GPU")
+                   help="one worker process per GPU on this host (DirectRunner), none sharing a GPU unless "
+                        "--workers-per-gpu says so")
     p.add_argument("--workers-per-gpu", type=int, default=1, metavar="N",
                    help="worker processes sharing each GPU (default 1; with 2, each has its own models and "
                         "interpreter lock, which keeps the GPU busier when host-side Python is the limit; "

@@ -38,6 +38,9 @@ class AnnotateOptions:
     io_threads: int = 0  # decode/encode threads per worker process; 0: half the CPUs per local worker, 2 to 8
     gpu_threads: int = 2  # GPU annotators running side by side per worker process (1: one after another)
     cpu_threads: int = 0  # threads sharing the CPU annotators' work per worker process; 0: as io_threads
+    #: threads reading remote inputs while probing, per worker; 0: io_threads
+    #: (a run sets it to the uncapped default when io_threads was not given)
+    probe_threads: int = 0
     gpus: int = 0  # >0: worker processes claiming GPUs, workers_per_gpu on each
     #: worker processes sharing each GPU (>1 only when asked: each process
     #: has its own interpreter lock and models, which helps when one

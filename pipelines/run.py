@@ -77,8 +77,12 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     fs, root = open_output_fs(opts.output)
     beam_args = list(beam_args or [])
     opts = replace(opts, run_id=opts.run_id or uuid.uuid4().hex)
-    if opts.workers_per_gpu > 1 and not opts.gpus:
-        opts = replace(opts, gpus=1)  # workers sharing a GPU: the first one
+    if opts.workers_per_gpu > 1:
+        if not runs_locally(beam_args):
+            raise UsageError("--workers-per-gpu is for local runs (the DirectRunner); other runners decide "
+                             "how many worker processes share a machine's GPUs themselves")
+        if not opts.gpus:
+            opts = replace(opts, gpus=1)  # workers sharing a GPU: the first one
     if opts.gpus:
         if not any(a.startswith("--runner") for a in beam_args) and not any(
                 a.startswith("--direct_running_mode") for a in beam_args):
@@ -99,7 +103,9 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     # cores: fewer threads per worker measured faster (BENCHMARKS.md).
     cap = GPU_RUN_THREADS if any(get_annotator_class(n).uses_gpu for n in names) else None
     if not opts.io_threads:
-        opts = replace(opts, io_threads=default_threads(workers, cap))
+        # probing remote inputs mostly waits on the network: no cap there
+        opts = replace(opts, io_threads=default_threads(workers, cap),
+                       probe_threads=opts.probe_threads or default_threads(workers))
     if not opts.cpu_threads:
         # the same share of the cores for the CPU annotators' threads
         opts = replace(opts, cpu_threads=default_threads(workers, cap))
@@ -132,17 +138,26 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
     return stats
 
 
+def runs_locally(beam_args: list[str]) -> bool:
+    """Whether the pipeline runs on this machine (the DirectRunner, in any
+    running mode)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = (pipeline_options(beam_args).view_as(StandardOptions).runner or "DirectRunner").lower()
+    return runner in _LOCAL_RUNNERS
+
+
+_LOCAL_RUNNERS = ("directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner")
+
+
 def runs_in_this_process(beam_args: list[str]) -> bool:
     """Whether the pipeline's workers run in this process: the DirectRunner
     in memory or with worker threads (not worker processes, not a remote
     runner)."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.options.pipeline_options import DirectOptions
 
-    options = pipeline_options(beam_args)
-    runner = (options.view_as(StandardOptions).runner or "DirectRunner").lower()
-    mode = options.view_as(DirectOptions).direct_running_mode
-    local = ("directrunner", "direct", "fnapirunner", "bundlebaseddirectrunner")
-    return runner in local and mode != "multi_processing"
+    mode = pipeline_options(beam_args).view_as(DirectOptions).direct_running_mode
+    return runs_locally(beam_args) and mode != "multi_processing"
 
 
 def local_workers(beam_args: list[str]) -> int:

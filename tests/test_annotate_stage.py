@@ -748,6 +748,7 @@ def test_default_threads_share_the_cores_and_stay_fewer_for_gpu_runs(photos_dir,
 
     def capture(p, opts, *a, **kw):
         seen[tuple(n for n, _ in opts.annotators)] = (opts.io_threads, opts.cpu_threads)
+        seen["probe"] = opts.probe_threads or opts.io_threads
         raise Planned
 
     monkeypatch.setattr(run_mod, "build_pipeline", capture)
@@ -757,8 +758,20 @@ def test_default_threads_share_the_cores_and_stay_fewer_for_gpu_runs(photos_dir,
             annotate([photos_dir], tmp_path / "out", annotators=tuple((n, {}) for n in names))
     assert seen[("canny",)] == (8, 8)  # CPU annotators only: half the cores
     assert seen[("canny", _MemoryHungry.name)] == (4, 4)  # with a GPU annotator: at most GPU_RUN_THREADS
+    assert seen["probe"] == 8  # probing remote inputs (network-bound) keeps the uncapped default
     # explicit values are kept
     with pytest.raises(Planned):
         annotate([photos_dir], tmp_path / "out", annotators=(("canny", {}), (_MemoryHungry.name, {})),
                  io_threads=6, cpu_threads=3)
     assert seen[("canny", _MemoryHungry.name)] == (6, 3)
+    assert seen["probe"] == 6  # --io-threads also sets the probing threads
+
+
+def test_workers_per_gpu_is_for_local_runs(photos_dir, tmp_path):
+    from pipelines.run import run_annotate
+    from schemas.errors import UsageError
+
+    opts = AnnotateOptions(inputs=(str(photos_dir),), output=str(tmp_path / "out"), workers_per_gpu=2)
+    with pytest.raises(UsageError, match="local runs"):
+        run_annotate(opts, ["--runner=DataflowRunner"])
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

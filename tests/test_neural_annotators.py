@@ -718,3 +718,11 @@ def test_networks_are_built_from_their_files_without_random_initialisation(monke
     assert torch.equal(with_buffer.conv.weight, state["conv.weight"])
     with pytest.raises(RuntimeError, match="Missing key"):
         W.build_loaded(Net, {k: v for k, v in state.items() if k != "bn.weight"})
+
+    class WithTable(Net):  # a plain tensor attribute, made in __init__ (on meta in a meta build)
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.arange(4.0)
+
+    table_net = W.build_loaded(WithTable, state)
+    assert not table_net.table.is_meta and torch.equal(table_net.table, torch.arange(4.0))
