@@ -388,8 +388,6 @@ class ShardFn(beam.DoFn):
     def _write_encoded(self) -> Iterable[ShardSummary]:
         """Write the oldest batch being encoded into its shard; commit the
         shard when that was its last batch."""
-        if not self._encoding:
-            return
         shard, staged, n = self._encoding.popleft()
         t0 = time.perf_counter()
         self._write(staged, n, shard.writer)
@@ -510,7 +508,7 @@ class LoadedAnnotators:
             a.import_code()
         trace("imported", seconds=round(time.perf_counter() - started, 3))
         if gpu_index is not None:
-            _share_torch_threads(opts.gpus * opts.workers_per_gpu)
+            _share_torch_threads(opts.gpu_workers)
         if imported is not None:
             imported.set()
         #: milliseconds each annotator took to load, not yet counted
@@ -681,8 +679,8 @@ def _own_cuda_stream(gpu_index: int | None) -> None:
 def _share_torch_threads(workers: int) -> None:
     """Give torch's CPU operations (building and loading networks, CPU-side
     pre- and post-processing) this process's share of the host's cores,
-    ``workers`` being the run's GPU worker processes per host (``gpus`` x
-    ``workers_per_gpu``): each would otherwise start a thread per core, and
+    ``workers`` being the run's GPU worker processes per host
+    (``AnnotateOptions.gpu_workers``): each would otherwise start a thread per core, and
     several loading models at once then fight over the cores instead of
     sharing them."""
     import os
@@ -711,7 +709,7 @@ def claim_gpu(opts: AnnotateOptions) -> int:
 
     folder = os.path.join(tempfile.gettempdir(), f"controlset-gpus-{opts.run_id}")
     os.makedirs(folder, exist_ok=True)
-    for slot in range(opts.gpus * opts.workers_per_gpu):
+    for slot in range(opts.gpu_workers):
         try:
             fd = os.open(os.path.join(folder, f"gpu-{slot}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:

@@ -97,6 +97,11 @@ class AnnotateOptions:
             fingerprint["reduced_jpeg_decode"] = True
         return fingerprint
 
+    @property
+    def gpu_workers(self) -> int:
+        """Worker processes claiming GPUs on a host: ``gpus`` x ``workers_per_gpu``."""
+        return self.gpus * self.workers_per_gpu
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -14,7 +14,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 
-from annotators import create_annotator
+from annotators import create_annotator, get_annotator_class
 from pipelines.beam import (
     NS,
     build_pipeline,
@@ -91,14 +91,12 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
             # measured slower: the workers' Python work then shares one
             # GIL; BENCHMARKS.md.)
             beam_args += ["--direct_running_mode=multi_processing",
-                          f"--direct_num_workers={opts.gpus * opts.workers_per_gpu}"]
+                          f"--direct_num_workers={opts.gpu_workers}"]
     fingerprint = opts.fingerprint(descriptions)
     run_info = {"annotators": names, "options": fingerprint}
     started = time.perf_counter()
     log.info("annotating %d inputs into %s with %s", len(refs), opts.output, ", ".join(names))
     workers = local_workers(beam_args)
-    from annotators import get_annotator_class
-
     # With GPU annotators a worker is bound by its interpreter lock, not by
     # cores: fewer threads per worker measured faster (BENCHMARKS.md).
     cap = GPU_RUN_THREADS if any(get_annotator_class(n).uses_gpu for n in names) else None
