@@ -207,6 +207,25 @@ def read_timeline(path: Path, start: float) -> list[dict]:
     return out
 
 
+def startup_milestones(events: list[dict], start: float) -> dict[int, dict[str, float]]:
+    """Per process of a timeline (:func:`read_timeline`), the seconds from
+    ``start`` at which it started, had imported the annotators' code, had
+    loaded every model, had annotated its first batch and had committed its
+    first shard (those it reached)."""
+    out: dict[int, dict[str, float]] = {}
+    for r in events:
+        m = out.setdefault(r["proc"], {})
+        if "process_started" in r:
+            m["started"] = round(r["process_started"] - start, 2)
+        key = {"imported": "imported", "loaded": "models_ready", "first_batch_annotated": "first_batch",
+               "shard_commit": "first_commit"}.get(r["event"])
+        if key == "models_ready":
+            m[key] = r["t"]  # the last annotator's
+        elif key and key not in m:
+            m[key] = r["t"]
+    return out
+
+
 def reference_chain(models: dict, images: list[np.ndarray], device: str) -> float:
     """Images/s of the reference annotators run one image at a time (NaN
     for no images: ``--reference-images 0`` skips the reference)."""
@@ -343,6 +362,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     for row in timeline:
         print("  " + json.dumps(row), flush=True)
     total_ms = sum(ms.values()) or 1
+    milestones = startup_milestones(events, start_epoch)
+    marks = {r["event"]: r["t"] for r in timeline if r["event"] in ("finalize", "pipeline_done")}
     result = {
         "mode": mode, "label": label, "code": code or "this checkout", "gpus": gpus or 1, "beam_args": beam_args,
         "workers_per_gpu": per_gpu if gpus else 1,
@@ -367,6 +388,14 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         "load_seconds": loading,
         # seconds from the process's start to each shard's commit
         "commit_seconds": commit_times(out, start_epoch),
+        # per process, seconds from the start: process started, code imported,
+        # models loaded, first batch annotated, first shard committed
+        "startup": milestones,
+        # the last shard's summary to the end of the pipeline (worker processes stopping)
+        "finalize_to_done_seconds": round(marks["pipeline_done"] - marks["finalize"], 2)
+        if len(marks) == 2 else None,
+        # the end of the pipeline to the end of the process (its interpreter's exit)
+        "done_to_exit_seconds": round(wall - marks["pipeline_done"], 2) if "pipeline_done" in marks else None,
         "timeline": timeline,
     }
     print(f"[{label}] pipeline:", json.dumps({k: v for k, v in result.items() if k != "timeline"}), flush=True)
@@ -490,9 +519,14 @@ def main(argv=None) -> dict:
     print("summary:", flush=True)
     for m, r in runs.items():
         print(f"  {m:20s} gpus {r['gpus']}: {r['images_per_s']:7.1f} img/s wall ({r['process_seconds']:.1f} s), "
-              f"steady {r['steady_images_per_s']} (sum of workers {r['steady_images_per_s_sum_of_workers']}), "
-              f"first commit "
-              f"{r['commit_seconds'][0] if r['commit_seconds'] else None} s, gpu {r['gpu']}", flush=True)
+              f"steady {r['steady_images_per_s_sum_of_workers']} (per worker "
+              f"{list(r['steady_images_per_s_per_worker'].values())}), first commit "
+              f"{r['commit_seconds'][0] if r['commit_seconds'] else None} s, finalize to done "
+              f"{r['finalize_to_done_seconds']} s, done to exit {r['done_to_exit_seconds']} s, "
+              f"steady utilisation {r['steady_util_percent_per_gpu']}, gpu {r['gpu']}", flush=True)
+        for proc, m_ in sorted(r["startup"].items()):
+            if len(m_) > 1:
+                print(f"    process {proc}: " + ", ".join(f"{k} {v}" for k, v in m_.items()), flush=True)
     print(f"  reference chain: {ref_rate:.3f} img/s", flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

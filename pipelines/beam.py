@@ -82,6 +82,13 @@ def trace(event: str, **fields: Any) -> None:
         return
     row = {"t": round(time.time(), 4), "pid": os.getpid(), "thread": threading.current_thread().name,
            "event": event, **fields}
+    if _TRACE_PIDS.get(os.getpid()) is None:
+        # a process's first event also says when the process started (its
+        # interpreter's start-up and Beam's hand-over come before any event)
+        _TRACE_PIDS[os.getpid()] = True
+        started = _process_started()
+        if started is not None:
+            row["process_started"] = round(started, 3)
     try:
         # one write per line with O_APPEND: lines of several processes do not interleave
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -96,6 +103,21 @@ def trace(event: str, **fields: Any) -> None:
 
 
 _TRACE_FAILED = False
+_TRACE_PIDS: dict[int, bool] = {}
+
+
+def _process_started() -> float | None:
+    """When this process started (epoch seconds; Linux only, else None)."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            # field 22 (clock ticks after boot), after the command name in parentheses
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def models_tag(opts: AnnotateOptions) -> str:
@@ -359,7 +381,13 @@ class ShardFn(beam.DoFn):
             yield GlobalWindows.windowed_value_at_end_of_window(summary)
 
     def teardown(self) -> None:
+        trace("shard_teardown")
         self._abort_open()
+        if tracing():
+            import atexit
+
+            # registered last, so it runs first when the interpreter exits
+            atexit.register(trace, "process_exit")
 
     def _step(self) -> Iterable[ShardSummary]:
         """Annotate the next batch (its decoding was started earlier), start

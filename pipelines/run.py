@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import logging
@@ -26,6 +27,7 @@ from pipelines.beam import (
     write_input_list,
 )
 from pipelines.finalize import STATS_FILE
+from pipelines.local_runner import workers_stop_together
 from pipelines.options import AnnotateOptions, default_threads, parse_gate
 from pipelines.sources import discover, open_output_fs
 from schemas.errors import UsageError
@@ -117,8 +119,9 @@ def run_annotate(opts: AnnotateOptions, beam_args: list[str] | None = None) -> d
             settle_imports(opts)
         build_pipeline(p, opts, input_list, len(refs), fingerprint, run_info)
         trace("pipeline_start", inputs=len(refs), beam_args=beam_args)
-        result = p.run()
-        result.wait_until_finish()
+        with workers_stop_together() if workers > 1 and runs_locally(beam_args) else contextlib.nullcontext():
+            result = p.run()
+            result.wait_until_finish()
         trace("pipeline_done")
     finally:
         remove_quietly(fs, input_list)

@@ -305,14 +305,39 @@ def test_fsspec_urls_in_and_out(tmp_path):
     assert fs.cat("/out2/shard-000000.tar") == data  # same content, same bytes
 
 
-def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path):
+def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path, monkeypatch):
+    import json
+
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers as wh
+
+    import pipelines.beam as pb
+
     annotate([photos_dir], tmp_path / "single", shard_size=2)
+    beams_close_all = wh.WorkerHandlerManager.close_all
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("CONTROLSET_TRACE", str(trace))  # the worker processes' too
     stats = annotate(
         [photos_dir], tmp_path / "multi", shard_size=2,
         beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     )
     assert stats["written"] == 6
     assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "single")
+    # when the pipeline ended, both worker processes were told to stop before
+    # Beam waited for the first one to exit; Beam's own close is back after it
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    events = [r["event"] for r in rows]
+    assert [r["told"] for r in rows if r["event"] == "workers_stopping"] == [2]
+    assert events.index("finalize") < events.index("workers_stopping") < events.index("workers_stopped") \
+        < events.index("pipeline_done")
+    launcher = rows[0]["pid"]
+    workers = {r["pid"] for r in rows} - {launcher}
+    assert len(workers) == 2
+    # every process's first event says when the process started, and a
+    # worker's start comes after the launcher's
+    firsts = {pid: next(r for r in rows if r["pid"] == pid) for pid in workers | {launcher}}
+    assert all(firsts[w]["process_started"] > firsts[launcher]["process_started"] for w in workers)
+    assert wh.WorkerHandlerManager.close_all is beams_close_all
 
 
 def test_workers_sharing_a_gpu_give_identical_shards(photos_dir, tmp_path, monkeypatch):
