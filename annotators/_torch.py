@@ -247,28 +247,31 @@ class GraphedForward:
         if self._stream is None:
             # this forward's own side stream: warm-up and capture run on it
             self._stream = torch.cuda.Stream(x.device)
-        # One capture at a time in the process: entering a capture
-        # synchronises the whole device and empties the allocators' caches,
-        # which must not happen while another thread's capture is under way.
-        with _CAPTURE_LOCK:
-            try:
-                self._stream.wait_stream(caller)
-                # warm-up first, as capture requires: library handles, cuDNN
-                # autotuning and lazy initialisation happen here, not in the graph
-                with torch.cuda.stream(self._stream):
-                    for _ in range(2):
-                        self.fn(static_in)
+        try:
+            self._stream.wait_stream(caller)
+            # Warm-up first, as capture requires: library handles, cuDNN's
+            # engine choices and lazily loaded kernels happen here, not in the
+            # graph. Outside the capture lock: a network's first run can take
+            # seconds, and another thread's capture need not wait for it (its
+            # eager work beside a capture is allowed, as below).
+            with torch.cuda.stream(self._stream):
+                for _ in range(2):
+                    self.fn(static_in)
+            # One capture at a time in the process: entering a capture
+            # synchronises the whole device and empties the allocators' caches,
+            # which must not happen while another thread's capture is under way.
+            with _CAPTURE_LOCK:
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: other threads' work on their own streams is not
                 # an error during this capture
                 with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
                                       capture_error_mode="thread_local"):
                     static_out = self.fn(static_in)
-            finally:
-                # a failed capture leaves its stream current (torch's context
-                # does not restore it when ending the capture raises)
-                torch.cuda.set_stream(caller)
-                caller.wait_stream(self._stream)
+        finally:
+            # a failed capture leaves its stream current (torch's context
+            # does not restore it when ending the capture raises)
+            torch.cuda.set_stream(caller)
+            caller.wait_stream(self._stream)
         if self._pool is None:
             self._pool = graph.pool()
         return graph, static_in, static_out
@@ -436,3 +439,64 @@ def replace_bilinear_upsampling(net: torch.nn.Module) -> int:
                 setattr(parent, name, BilinearUpsample(child.scale_factor, child.size, bool(child.align_corners)))
                 swapped += 1
     return swapped
+
+
+def warm_device(device: Any, dtypes: Sequence[torch.dtype] = (torch.bfloat16,)) -> float:
+    """Run a few tiny operations on ``device`` in each of ``dtypes`` and wait
+    for them; returns the seconds taken.
+
+    A process's first convolution on a GPU loads cuDNN's engine libraries
+    and its first matrix product cuBLAS(Lt): about four seconds together on
+    an H200, paid inside the first network's first batch (and, under graph
+    capture's lock, by every other network waiting behind it). The calls
+    release the interpreter lock, so run on a thread of their own
+    (:func:`start_device_warmup`) they overlap the Python imports that
+    follow torch's. The operations are those the networks are built of:
+    3x3, 1x1 and depthwise convolutions in both memory formats, a matrix
+    product, attention and bilinear resizing. Nothing is kept."""
+    import time
+
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    started = time.perf_counter()
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+        for dtype in dtypes:
+            x = torch.randn(2, 16, 24, 24, device=device, dtype=dtype)
+            for memory_format in (torch.contiguous_format, torch.channels_last):
+                x = x.contiguous(memory_format=memory_format)
+                for k, groups in ((3, 1), (1, 1), (7, 16)):
+                    w = torch.randn(16, 16 // groups, k, k, device=device, dtype=dtype)
+                    w = w.contiguous(memory_format=memory_format)
+                    F.conv2d(x, w, padding=k // 2, groups=groups)
+                F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            a = torch.randn(2, 4, 32, 32, device=device, dtype=dtype)
+            torch.matmul(a, a.transpose(-1, -2))
+            F.scaled_dot_product_attention(a, a, a)
+            F.layer_norm(a, (32,))
+    if stream is not None:
+        stream.synchronize()
+    return time.perf_counter() - started
+
+
+def start_device_warmup(device: Any, dtypes: Sequence[torch.dtype] = (torch.bfloat16,),
+                        done: Callable[[float], None] | None = None) -> threading.Thread:
+    """:func:`warm_device` on a daemon thread (started, returned for joining);
+    ``done`` is called there with the seconds it took. A failure is logged
+    and changes nothing: the networks' first batch then pays the libraries'
+    loading, as without the warm-up."""
+
+    def run() -> None:
+        try:
+            seconds = warm_device(device, dtypes)
+            log.debug("device %s warmed up in %.2f s", device, seconds)
+            if done is not None:
+                done(seconds)
+        except Exception as exc:  # an optimisation only
+            log.warning("warming up %s failed (%s); the first batch loads the GPU libraries instead",
+                        device, _one_line(exc))
+
+    thread = threading.Thread(target=run, name="controlset-warmup", daemon=True)
+    thread.start()
+    return thread

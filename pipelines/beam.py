@@ -383,7 +383,11 @@ class ShardFn(beam.DoFn):
     def teardown(self) -> None:
         trace("shard_teardown")
         self._abort_open()
-        if tracing():
+        from pipelines.local_runner import fast_exit_at_interpreter_exit
+
+        # a local run's worker ends at once when its interpreter exits (it
+        # traces process_exit itself)
+        if not fast_exit_at_interpreter_exit() and tracing():
             import atexit
 
             # registered last, so it runs first when the interpreter exits
@@ -531,6 +535,9 @@ class LoadedAnnotators:
             if gpu_index is not None and "device" in get_annotator_class(name).option_names():
                 options["device"] = f"cuda:{gpu_index}"
             self.annotators.append(create_annotator(name, **options))
+        # The GPU's libraries load on a thread of their own while the rest
+        # of the code is imported (see annotators._torch.warm_device).
+        warmup = _start_warmup(gpu_index, self.annotators)
         # The code first (set ``imported`` after it), then weights and devices.
         for a in self.annotators:
             a.import_code()
@@ -548,6 +555,10 @@ class LoadedAnnotators:
             a.setup()
             self.load_ms[a.name] = int((time.perf_counter() - t0) * 1000)
             trace("loaded", annotator=a.name, seconds=self.load_ms[a.name] / 1000)
+        if warmup is not None:
+            # done long before (its seconds are traced as ``device_warm``);
+            # joined so that nothing of it runs beside a graph capture
+            warmup.join()
         slow = sorted(self.load_ms.items(), key=lambda kv: -kv[1])
         log.info("process %d%s: annotators loaded in %.1f s (%s)", os.getpid(),
                  "" if gpu_index is None else f" (GPU {gpu_index})", time.perf_counter() - started,
@@ -578,6 +589,33 @@ class LoadedAnnotators:
         #: seconds each annotator has taken so far (the GPU threads start the
         #: costliest first)
         self.costs: dict[str, float] = {}
+
+
+def _start_warmup(gpu_index: int | None, annotators: list) -> "threading.Thread | None":
+    """Start warming up the GPU that ``annotators`` run on (``gpu_index``, else
+    their own device option) in the precisions they run at; none when no
+    annotator runs on a GPU."""
+    neural = [a for a in annotators if a.uses_gpu]
+    if not neural:
+        return None
+    import torch
+
+    from annotators._torch import PRECISIONS, resolve_device, start_device_warmup
+
+    if gpu_index is not None:
+        device = torch.device(f"cuda:{gpu_index}")
+    else:
+        try:
+            device = resolve_device(neural[0].params.get("device"))
+        except Exception:  # the annotator's own set-up reports it
+            return None
+        if device.type != "cuda":
+            return None
+    # fp32 as well: some layers stay in fp32 at reduced precision (depth's head)
+    names = {a.params.get("precision") or "bf16" for a in neural} | {"fp32"}
+    dtypes = [PRECISIONS.get(n, torch.bfloat16) for n in sorted(names)]
+    return start_device_warmup(device, dtypes,
+                               done=lambda seconds: trace("device_warm", seconds=round(seconds, 3)))
 
 
 class _Preload:

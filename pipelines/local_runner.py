@@ -9,6 +9,14 @@ row after the last shard is written (BENCHMARKS.md: 10 s with four workers
 on two GPUs). :func:`workers_stop_together` tells every worker to stop first
 and then lets Beam wait for each as before, so they exit side by side.
 
+A worker's exit is then mostly its interpreter's and CUDA's teardown
+(freeing every model's memory, one allocation at a time), seconds that
+follow the last shard. While :func:`workers_stop_together` is active, the
+worker processes it starts end with ``os._exit(0)`` once their interpreter
+begins to exit normally (:func:`fast_exit_at_interpreter_exit`): their
+shards are committed and Beam has their results by then. A worker exiting
+on an error keeps the normal exit and its exit code.
+
 It reaches into Beam's local runner (``apache_beam.runners.portability.
 fn_api_runner.worker_handlers``); where those names are missing (another
 Beam version) it changes nothing and the workers stop as Beam stops them.
@@ -16,9 +24,13 @@ Beam version) it changes nothing and the workers stop as Beam stops them.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +40,15 @@ log = logging.getLogger(__name__)
 _PATCH_LOCK = threading.Lock()
 _PATCH_USERS = 0
 _ORIGINAL: Any = None
+_ENV_BEFORE: str | None = None
+
+#: Set by :func:`workers_stop_together` (to the launching process's id) for
+#: the worker processes it starts: they end fast once done.
+FAST_EXIT_ENV = "CONTROLSET_WORKER_FAST_EXIT"
+#: How long the launcher waits for one worker process to exit before it
+#: leaves the rest to Beam's own close.
+EXIT_WAIT_S = 120.0
+_FAST_EXIT_REGISTERED = False
 
 
 def _beam_names() -> tuple[Any, Any, Any, Any] | None:
@@ -51,31 +72,55 @@ def tell_workers_to_stop(manager: Any) -> int:
     how many were told. Each worker then shuts down on its own; Beam's
     ``close_all`` afterwards finds them stopping (its own end marker queued
     behind ours is never read) and waits for each."""
+    return len(_tell(manager))
+
+
+def _tell(manager: Any) -> list[Any]:
     names = _beam_names()
     if names is None:
-        return 0
+        return []
     _, connection_cls, done, started = names
-    told = 0
+    told = []
     for handlers in list(getattr(manager, "_cached_handlers", {}).values()):
         for handler in set(handlers):
             conn = getattr(handler, "control_conn", None)
             # in-process (embedded) handlers have no control stream to end
             if isinstance(conn, connection_cls) and getattr(conn, "_state", None) == started:
                 conn.push(done)
-                told += 1
+                told.append(handler)
     return told
+
+
+def _wait_for_exits(handlers: list[Any], since: float, timeout: float = EXIT_WAIT_S) -> None:
+    """Wait for the told workers' processes to exit (a subprocess worker's
+    handler runs its process on ``worker_thread``), tracing each; Beam's
+    close afterwards finds them gone. The timeout only bounds this extra
+    wait: Beam's own close waits as it always does."""
+    from pipelines.beam import trace
+
+    deadline = time.monotonic() + timeout
+    for i, handler in enumerate(handlers):
+        thread = getattr(handler, "worker_thread", None)
+        if not isinstance(thread, threading.Thread) or thread.ident is None:  # never started
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            return
+        trace("worker_exited", worker=i, seconds=round(time.perf_counter() - since, 3))
 
 
 def _close_all_together(self: Any) -> None:
     from pipelines.beam import trace
 
     original = _ORIGINAL
-    told = 0
+    told: list[Any] = []
+    since = time.perf_counter()
     try:
-        told = tell_workers_to_stop(self)
+        told = _tell(self)
     except Exception as exc:  # an optimisation only: Beam's own close follows
         log.debug("could not tell the workers to stop together (%s)", exc)
-    trace("workers_stopping", told=told)
+    trace("workers_stopping", told=len(told))
+    _wait_for_exits(told, since)
     original(self)
     trace("workers_stopped")
 
@@ -91,11 +136,15 @@ def workers_stop_together() -> Iterator[bool]:
     if names is None:
         yield False
         return
+    global _ENV_BEFORE
     manager_cls = names[0]
     with _PATCH_LOCK:
         if _PATCH_USERS == 0:
             _ORIGINAL = manager_cls.close_all
             manager_cls.close_all = _close_all_together
+            # worker processes inherit the environment when they start
+            _ENV_BEFORE = os.environ.get(FAST_EXIT_ENV)
+            os.environ[FAST_EXIT_ENV] = str(os.getpid())
         _PATCH_USERS += 1
     try:
         yield True
@@ -105,3 +154,49 @@ def workers_stop_together() -> Iterator[bool]:
             if _PATCH_USERS == 0:
                 manager_cls.close_all = _ORIGINAL
                 _ORIGINAL = None
+                if _ENV_BEFORE is None:
+                    os.environ.pop(FAST_EXIT_ENV, None)
+                else:
+                    os.environ[FAST_EXIT_ENV] = _ENV_BEFORE
+
+
+def fast_exit_at_interpreter_exit() -> bool:
+    """In a worker process started under :func:`workers_stop_together`,
+    make the interpreter's exit end the process at once (``os._exit(0)``
+    after flushing logs and output), skipping the teardown of modules, CUDA
+    and freed memory; returns whether this process is such a worker (the
+    launching process never is). Idempotent. Called once the worker's own
+    work is done (a DoFn's teardown); an exit on an uncaught error is left
+    alone, with its traceback and exit code."""
+    global _FAST_EXIT_REGISTERED
+
+    launcher = os.environ.get(FAST_EXIT_ENV)
+    if not launcher or launcher == str(os.getpid()):
+        return False
+    with _PATCH_LOCK:
+        if not _FAST_EXIT_REGISTERED:
+            # registered late, so it runs before the handlers registered
+            # earlier (those of torch and the rest are what it skips)
+            atexit.register(_exit_now)
+            _FAST_EXIT_REGISTERED = True
+    return True
+
+
+def _exit_now() -> None:
+    if getattr(sys, "last_type", None) is not None:
+        return  # exiting on an uncaught error: keep the normal exit and its code
+    # nothing is imported this late (the interpreter refuses new threads'
+    # exit hooks): a worker that ran shards has the tracing module already
+    beam = sys.modules.get("pipelines.beam")
+    if beam is not None:
+        try:
+            beam.trace("process_exit", fast=True)
+        except Exception:  # the timeline is optional; the exit is not
+            pass
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed stream has nothing left to flush
+            pass
+    os._exit(0)

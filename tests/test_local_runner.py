@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
 import pytest
 from apache_beam.runners.portability.fn_api_runner import worker_handlers as wh
 
 from pipelines import local_runner
-from pipelines.local_runner import tell_workers_to_stop, workers_stop_together
+from pipelines.local_runner import FAST_EXIT_ENV, fast_exit_at_interpreter_exit, tell_workers_to_stop, \
+    workers_stop_together
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Handler:
@@ -72,6 +82,76 @@ def test_another_beam_version_is_left_alone(monkeypatch):
         assert not active
         assert wh.WorkerHandlerManager.close_all is beams
     assert tell_workers_to_stop(_Manager([_Handler(_started())])) == 0
+
+
+def test_close_all_waits_for_the_told_workers_processes(monkeypatch, tmp_path):
+    """Between telling and Beam's own close, the launcher waits for each
+    told worker's process (its handler's worker thread) and traces it."""
+    import json
+
+    import pipelines.beam as pb
+
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("CONTROLSET_TRACE", str(trace))
+    a, b = _started(), _started()
+    ha, hb = _Handler(a), _Handler(b)
+    ends = []
+    for h, conn in ((ha, a), (hb, b)):
+        # a worker "process" that exits once it reads its end marker
+        h.worker_thread = threading.Thread(target=lambda c=conn: ends.append(c.get_req()))
+        h.worker_thread.start()
+    seen = []
+    monkeypatch.setattr(wh.WorkerHandlerManager, "close_all",
+                        lambda manager: seen.append([h.worker_thread.is_alive() for h in (ha, hb)]))
+    with workers_stop_together():
+        wh.WorkerHandlerManager.close_all(_Manager([ha, hb, _Handler(object())]))
+    assert seen == [[False, False]]
+    assert ends == [wh.BeamFnControlServicer._DONE_MARKER] * 2
+    events = [json.loads(line)["event"] for line in trace.read_text().splitlines()]
+    assert events == ["workers_stopping", "worker_exited", "worker_exited", "workers_stopped"]
+
+
+def test_fast_exit_only_in_workers_started_under_the_patch(monkeypatch):
+    monkeypatch.delenv(FAST_EXIT_ENV, raising=False)
+    assert not fast_exit_at_interpreter_exit()
+    with workers_stop_together():
+        assert os.environ[FAST_EXIT_ENV] == str(os.getpid())
+        assert not fast_exit_at_interpreter_exit()  # the launching process itself
+    assert FAST_EXIT_ENV not in os.environ
+
+
+_WORKER = textwrap.dedent("""
+    import atexit, pathlib, sys
+    from pipelines.local_runner import fast_exit_at_interpreter_exit
+    # registered first, so it would run after the fast exit's handler
+    atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text("teardown ran"))
+    print("registered", fast_exit_at_interpreter_exit(), flush=True)
+    print("output before the exit")
+    if sys.argv[2] == "fail":
+        raise ValueError("the worker failed")
+""")
+
+
+@pytest.mark.parametrize("outcome", ["ok", "fail"])
+def test_a_worker_ends_fast_only_when_it_exits_cleanly(outcome, tmp_path):
+    """A worker process (the variable set to another process's id) skips the
+    rest of the interpreter's teardown when it exits normally, with exit code
+    0 and its output flushed; exiting on an error keeps the teardown, the
+    traceback and exit code 1."""
+    marker = tmp_path / "teardown"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAST_EXIT_ENV: "1"})
+    env.pop("CONTROLSET_TRACE", None)
+    proc = subprocess.run([sys.executable, "-c", _WORKER, str(marker), outcome], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "registered True" in proc.stdout and "output before the exit" in proc.stdout
+    if outcome == "ok":
+        assert proc.returncode == 0, proc.stderr
+        assert not marker.exists()
+    else:
+        assert proc.returncode == 1
+        assert "ValueError: the worker failed" in proc.stderr
+        assert marker.read_text() == "teardown ran"
 
 
 @pytest.fixture(autouse=True)

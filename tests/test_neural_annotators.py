@@ -726,3 +726,60 @@ def test_networks_are_built_from_their_files_without_random_initialisation(monke
 
     table_net = W.build_loaded(WithTable, state)
     assert not table_net.table.is_meta and torch.equal(table_net.table, torch.arange(4.0))
+
+
+def test_device_warmup_runs_on_its_thread_and_reports(caplog):
+    """The warm-up runs its operations in every precision asked and calls back
+    with the seconds; a device that cannot be used is a logged warning, not
+    an error, and nothing is called back."""
+    from annotators._torch import start_device_warmup, warm_device
+
+    assert warm_device("cpu", (torch.float32, torch.bfloat16)) > 0
+    done: list[float] = []
+    thread = start_device_warmup("cpu", (torch.float32,), done=done.append)
+    assert thread.name == "controlset-warmup" and thread.daemon
+    thread.join(60)
+    assert len(done) == 1 and done[0] > 0
+    failed: list[float] = []
+    with caplog.at_level("WARNING", logger="annotators._torch"):
+        start_device_warmup("no-such-device", done=failed.append).join(60)
+    assert not failed
+    assert any("warming up no-such-device failed" in r.getMessage() for r in caplog.records)
+
+
+def test_workers_warm_up_only_a_gpu(weights_dir, tmp_path, monkeypatch):
+    """A worker warms up the GPU its neural annotators run on (traced as
+    ``device_warm``), and nothing when they run on the CPU or none is neural."""
+    from pipelines.beam import TRACE_ENV, _start_warmup
+
+    folder, _ = weights_dir
+    trace_file = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(TRACE_ENV, str(trace_file))
+    assert _start_warmup(None, [create_annotator("canny")]) is None
+    assert _start_warmup(None, [create_annotator("hed", weights=folder, device="cpu")]) is None
+    if not torch.cuda.is_available():
+        assert not trace_file.exists()
+        return
+    thread = _start_warmup(None, [create_annotator("hed", weights=folder)])
+    thread.join(120)
+    events = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["device_warm"] and events[0]["seconds"] > 0
+
+
+@pytest.mark.gpu
+def test_device_warmup_on_gpu_leaves_the_callers_stream(weights_dir):
+    """On a GPU the warm-up runs on a side stream of its own and waits for it;
+    a network run afterwards on the caller's stream is unaffected."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from annotators._torch import warm_device
+
+    before = torch.cuda.current_stream()
+    assert warm_device("cuda", (torch.bfloat16, torch.float32)) > 0
+    assert torch.cuda.current_stream() == before
+    folder, _ = weights_dir
+    a = create_annotator("hed", weights=folder, device="cuda")
+    b = create_annotator("hed", weights=folder, device="cpu", precision="fp32")
+    img = _photos()[0]
+    got, want = a(img).members["hed.png"].astype(int), b(img).members["hed.png"].astype(int)
+    assert np.abs(got - want).mean() < 3.0

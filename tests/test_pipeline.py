@@ -337,7 +337,18 @@ def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path, mon
     # worker's start comes after the launcher's
     firsts = {pid: next(r for r in rows if r["pid"] == pid) for pid in workers | {launcher}}
     assert all(firsts[w]["process_started"] > firsts[launcher]["process_started"] for w in workers)
+    # the launcher saw each told worker's process exit; a worker that ran
+    # shards ended fast once its interpreter began to exit (exit code 0, or
+    # Beam would have failed the run)
+    exited = [i for i, r in enumerate(rows) if r["event"] == "worker_exited"]
+    assert len(exited) == 2
+    assert all(events.index("workers_stopping") < i < events.index("workers_stopped") for i in exited)
+    shard_workers = {r["pid"] for r in rows if r["event"] == "shard_teardown"}
+    assert shard_workers and shard_workers <= workers
+    fast = {r["pid"] for r in rows if r["event"] == "process_exit" and r.get("fast")}
+    assert fast == shard_workers
     assert wh.WorkerHandlerManager.close_all is beams_close_all
+    assert "CONTROLSET_WORKER_FAST_EXIT" not in os.environ
 
 
 def test_workers_sharing_a_gpu_give_identical_shards(photos_dir, tmp_path, monkeypatch):
