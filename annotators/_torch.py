@@ -251,16 +251,17 @@ class GraphedForward:
             self._stream.wait_stream(caller)
             # Warm-up first, as capture requires: library handles, cuDNN's
             # engine choices and lazily loaded kernels happen here, not in the
-            # graph. Outside the capture lock: a network's first run can take
-            # seconds, and another thread's capture need not wait for it (its
-            # eager work beside a capture is allowed, as below).
-            with torch.cuda.stream(self._stream):
+            # graph. A network's first run can take seconds: warm-ups share
+            # the lock, so networks on other threads warm up side by side
+            # instead of each waiting for the others' first runs.
+            with _CAPTURE_LOCK.shared(), torch.cuda.stream(self._stream):
                 for _ in range(2):
                     self.fn(static_in)
-            # One capture at a time in the process: entering a capture
-            # synchronises the whole device and empties the allocators' caches,
-            # which must not happen while another thread's capture is under way.
-            with _CAPTURE_LOCK:
+            # One capture at a time in the process, and no warm-up beside it:
+            # entering a capture synchronises the whole device and empties the
+            # allocators' caches, and a warm-up's first run (its allocations,
+            # library loading) is the work least safe beside a capture.
+            with _CAPTURE_LOCK.exclusive():
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: other threads' work on their own streams is not
                 # an error during this capture
@@ -277,7 +278,51 @@ class GraphedForward:
         return graph, static_in, static_out
 
 
-_CAPTURE_LOCK = threading.Lock()
+class SharedLock:
+    """A lock held either by any number of threads together (:meth:`shared`)
+    or by one thread alone (:meth:`exclusive`); a waiting exclusive holder
+    goes before new shared ones. Not reentrant."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+#: warm-ups before a capture hold it shared, captures alone
+_CAPTURE_LOCK = SharedLock()
 
 
 def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

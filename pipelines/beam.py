@@ -104,6 +104,7 @@ def trace(event: str, **fields: Any) -> None:
 
 _TRACE_FAILED = False
 _TRACE_PIDS: dict[int, bool] = {}
+_EXIT_TRACED = False
 
 
 def _process_started() -> float | None:
@@ -387,11 +388,13 @@ class ShardFn(beam.DoFn):
 
         # a local run's worker ends at once when its interpreter exits (it
         # traces process_exit itself)
-        if not fast_exit_at_interpreter_exit() and tracing():
+        global _EXIT_TRACED
+        if not fast_exit_at_interpreter_exit() and tracing() and not _EXIT_TRACED:
             import atexit
 
-            # registered last, so it runs first when the interpreter exits
+            # registered once, late, so it runs first when the interpreter exits
             atexit.register(trace, "process_exit")
+            _EXIT_TRACED = True
 
     def _step(self) -> Iterable[ShardSummary]:
         """Annotate the next batch (its decoding was started earlier), start

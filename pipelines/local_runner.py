@@ -109,10 +109,22 @@ def _wait_for_exits(handlers: list[Any], since: float, timeout: float = EXIT_WAI
         trace("worker_exited", worker=i, seconds=round(time.perf_counter() - since, 3))
 
 
-def _close_all_together(self: Any) -> None:
+def _stopping_together(original: Any) -> Any:
+    """A ``close_all`` that tells every worker to stop, waits for their
+    processes, then runs Beam's own ``original`` (kept here rather than read
+    from a global: a pipeline that took the patched method just before the
+    last run restored Beam's still closes its workers)."""
+
+    def close_all(self: Any) -> None:
+        _close_all_together(self, original)
+
+    close_all._controlset_original = original  # type: ignore[attr-defined]
+    return close_all
+
+
+def _close_all_together(self: Any, original: Any) -> None:
     from pipelines.beam import trace
 
-    original = _ORIGINAL
     told: list[Any] = []
     since = time.perf_counter()
     try:
@@ -141,7 +153,7 @@ def workers_stop_together() -> Iterator[bool]:
     with _PATCH_LOCK:
         if _PATCH_USERS == 0:
             _ORIGINAL = manager_cls.close_all
-            manager_cls.close_all = _close_all_together
+            manager_cls.close_all = _stopping_together(_ORIGINAL)
             # worker processes inherit the environment when they start
             _ENV_BEFORE = os.environ.get(FAST_EXIT_ENV)
             os.environ[FAST_EXIT_ENV] = str(os.getpid())
@@ -160,19 +172,40 @@ def workers_stop_together() -> Iterator[bool]:
                     os.environ[FAST_EXIT_ENV] = _ENV_BEFORE
 
 
-def fast_exit_at_interpreter_exit() -> bool:
-    """In a worker process started under :func:`workers_stop_together`,
-    make the interpreter's exit end the process at once (``os._exit(0)``
-    after flushing logs and output), skipping the teardown of modules, CUDA
-    and freed memory; returns whether this process is such a worker (the
-    launching process never is). Idempotent. Called once the worker's own
-    work is done (a DoFn's teardown); an exit on an uncaught error is left
-    alone, with its traceback and exit code."""
-    global _FAST_EXIT_REGISTERED
+#: The module Beam's local runner starts its worker processes with.
+BEAM_WORKER_MAIN = "apache_beam.runners.worker.sdk_worker_main"
 
+
+def is_local_beam_worker() -> bool:
+    """Whether this process is a Beam SDK worker started by a local run under
+    :func:`workers_stop_together`: the variable names another process, this
+    one runs Beam's worker module as its main, and has the control address
+    Beam gives its workers. Any other process that inherited the variable
+    (a child of the launcher or of a worker) is not one."""
     launcher = os.environ.get(FAST_EXIT_ENV)
     if not launcher or launcher == str(os.getpid()):
         return False
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(main_spec, "name", None) == BEAM_WORKER_MAIN \
+        and bool(os.environ.get("CONTROL_API_SERVICE_DESCRIPTOR"))
+
+
+def fast_exit_at_interpreter_exit() -> bool:
+    """In a worker process of a local run under :func:`workers_stop_together`
+    (:func:`is_local_beam_worker`), make the interpreter's exit end the
+    process at once (``os._exit(0)`` after flushing logs and output),
+    skipping the teardown of modules, CUDA and freed memory; returns whether
+    it did. Idempotent. Called once the worker's own work is done (a DoFn's
+    teardown). Beam's worker fails only by raising, and an exit on an
+    uncaught error is left alone, with its traceback and exit code."""
+    global _FAST_EXIT_REGISTERED
+
+    if _FAST_EXIT_REGISTERED:
+        return True
+    if not is_local_beam_worker():
+        return False
+    # processes this worker starts from now on do not inherit it
+    os.environ.pop(FAST_EXIT_ENV, None)
     with _PATCH_LOCK:
         if not _FAST_EXIT_REGISTERED:
             # registered late, so it runs before the handlers registered

@@ -122,29 +122,48 @@ def test_fast_exit_only_in_workers_started_under_the_patch(monkeypatch):
 
 
 _WORKER = textwrap.dedent("""
-    import atexit, pathlib, sys
-    from pipelines.local_runner import fast_exit_at_interpreter_exit
+    import atexit, importlib.machinery, os, pathlib, sys
+    import __main__
+    from pipelines.local_runner import BEAM_WORKER_MAIN, FAST_EXIT_ENV, fast_exit_at_interpreter_exit
+    marker, outcome = sys.argv[1], sys.argv[2]
+    if outcome != "not_a_worker":
+        # as Beam's local runner starts a worker: `python -m <its worker module>`
+        # with the control address in the environment
+        __main__.__spec__ = importlib.machinery.ModuleSpec(BEAM_WORKER_MAIN, None)
+        os.environ["CONTROL_API_SERVICE_DESCRIPTOR"] = "url: 'localhost:1'"
     # registered first, so it would run after the fast exit's handler
-    atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text("teardown ran"))
+    atexit.register(lambda: pathlib.Path(marker).write_text("teardown ran"))
     print("registered", fast_exit_at_interpreter_exit(), flush=True)
+    print("inherited", FAST_EXIT_ENV in os.environ)
     print("output before the exit")
-    if sys.argv[2] == "fail":
+    if outcome == "fail":
         raise ValueError("the worker failed")
+    if outcome == "not_a_worker":
+        raise SystemExit(3)
 """)
 
 
-@pytest.mark.parametrize("outcome", ["ok", "fail"])
+@pytest.mark.parametrize("outcome", ["ok", "fail", "not_a_worker"])
 def test_a_worker_ends_fast_only_when_it_exits_cleanly(outcome, tmp_path):
-    """A worker process (the variable set to another process's id) skips the
-    rest of the interpreter's teardown when it exits normally, with exit code
-    0 and its output flushed; exiting on an error keeps the teardown, the
-    traceback and exit code 1."""
+    """A Beam worker process of a local run (the variable set to another
+    process's id) skips the rest of the interpreter's teardown when it exits
+    normally, with exit code 0 and its output flushed, and its own children
+    no longer inherit the variable; exiting on an error keeps the teardown,
+    the traceback and exit code 1. Another process that inherited the
+    variable is left alone (here: its SystemExit(3) keeps code 3)."""
     marker = tmp_path / "teardown"
     env = dict(os.environ, PYTHONPATH=str(ROOT), **{FAST_EXIT_ENV: "1"})
     env.pop("CONTROLSET_TRACE", None)
+    env.pop("CONTROL_API_SERVICE_DESCRIPTOR", None)
     proc = subprocess.run([sys.executable, "-c", _WORKER, str(marker), outcome], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert "registered True" in proc.stdout and "output before the exit" in proc.stdout
+    assert "output before the exit" in proc.stdout
+    if outcome == "not_a_worker":
+        assert "registered False" in proc.stdout and "inherited True" in proc.stdout
+        assert proc.returncode == 3
+        assert marker.read_text() == "teardown ran"
+        return
+    assert "registered True" in proc.stdout and "inherited False" in proc.stdout
     if outcome == "ok":
         assert proc.returncode == 0, proc.stderr
         assert not marker.exists()

@@ -783,3 +783,51 @@ def test_device_warmup_on_gpu_leaves_the_callers_stream(weights_dir):
     img = _photos()[0]
     got, want = a(img).members["hed.png"].astype(int), b(img).members["hed.png"].astype(int)
     assert np.abs(got - want).mean() < 3.0
+
+
+def test_shared_lock_lets_warm_ups_overlap_but_not_a_capture():
+    """The capture lock: warm-ups (shared) run side by side; a capture
+    (exclusive) runs alone, and once it waits no new warm-up starts."""
+    import threading
+    import time
+
+    from annotators._torch import SharedLock
+
+    lock = SharedLock()
+    inside, peak, log = [0], [0], []
+    guard = threading.Lock()
+
+    def warm(i):
+        with lock.shared():
+            with guard:
+                inside[0] += 1
+                peak[0] = max(peak[0], inside[0])
+            time.sleep(0.2)
+            with guard:
+                inside[0] -= 1
+                log.append(("warm", i))
+
+    def capture():
+        with lock.exclusive():
+            with guard:
+                log.append(("capture-start", inside[0]))
+            time.sleep(0.1)
+            log.append(("capture-end", None))
+
+    first = [threading.Thread(target=warm, args=(i,)) for i in range(3)]
+    for t in first:
+        t.start()
+    time.sleep(0.05)
+    cap = threading.Thread(target=capture)
+    cap.start()
+    time.sleep(0.05)
+    late = threading.Thread(target=warm, args=(9,))  # arrives while the capture waits
+    late.start()
+    for t in (*first, cap, late):
+        t.join(10)
+    assert peak[0] == 3  # the first three overlapped
+    order = [e[0] if e[0] != "warm" else f"warm{e[1]}" for e in log]
+    start = order.index("capture-start")
+    assert log[start][1] == 0  # no warm-up inside the capture
+    assert set(order[:start]) == {"warm0", "warm1", "warm2"}
+    assert order[start + 1:] == ["capture-end", "warm9"]

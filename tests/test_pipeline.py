@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -317,10 +318,15 @@ def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path, mon
     monkeypatch.setattr(pb, "_TRACE_FAILED", False)
     trace = tmp_path / "trace.jsonl"
     monkeypatch.setenv("CONTROLSET_TRACE", str(trace))  # the worker processes' too
+    # Beam raises a worker's non-zero exit code on the thread that waits for
+    # its process, where nothing else would see it
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(repr(args.exc_value)))
     stats = annotate(
         [photos_dir], tmp_path / "multi", shard_size=2,
         beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
     )
+    assert thread_errors == []
     assert stats["written"] == 6
     assert tree_bytes(tmp_path / "multi") == tree_bytes(tmp_path / "single")
     # when the pipeline ended, both worker processes were told to stop before
@@ -339,9 +345,9 @@ def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path, mon
     firsts = {pid: next(r for r in rows if r["pid"] == pid) for pid in workers}
     assert rows[0]["event"] == "run_start"
     assert all(firsts[w]["process_started"] > rows[0]["t"] - 0.05 for w in workers)
-    # the launcher saw each told worker's process exit; a worker that ran
-    # shards ended fast once its interpreter began to exit (exit code 0, or
-    # Beam would have failed the run)
+    # the launcher saw each told worker's process exit (with code 0: no
+    # thread error above); a worker that ran shards ended fast once its
+    # interpreter began to exit
     exited = [i for i, r in enumerate(rows) if r["event"] == "worker_exited"]
     assert len(exited) == 2
     assert all(events.index("workers_stopping") < i < events.index("workers_stopped") for i in exited)
