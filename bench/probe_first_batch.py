@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from annotators import create_annotator
+    from annotators import create_annotator, get_annotator_class
     from bench_e2e import build_models
 
     names = [n for n in args.annotators.split(",") if n]
@@ -86,25 +86,24 @@ def main(argv=None) -> dict:
             result["warm_s"] = round(warm_device(args.device, (torch.bfloat16, torch.float32)), 3)
             print("warm-up", result["warm_s"], "s", flush=True)
         graphs = args.graphs == "on"
-        if True:
-            for name in names:
-                options = dict(models[name])
-                if "device" in type(create_annotator(name, **options)).option_names():
-                    options["device"] = args.device
-                cls = type(create_annotator(name, **options))
-                if "cuda_graphs" in cls.option_names():
-                    options["cuda_graphs"] = graphs
-                a = create_annotator(name, **options)
-                t0 = time.perf_counter()
-                a.setup()
-                load = round(time.perf_counter() - t0, 3)
-                calls = timed_calls(a, images, args.calls)
-                label = f"{name}{'' if graphs else ' (eager)'}"
-                result["calls"][label] = {"load_s": load, "calls_s": calls,
-                                          "first_extra_s": round(calls[0] - min(calls[1:]), 3)}
-                print(label, json.dumps(result["calls"][label]), flush=True)
-                del a
-                torch.cuda.empty_cache()
+        for name in names:
+            options = dict(models[name])
+            option_names = get_annotator_class(name).option_names()
+            if "device" in option_names:
+                options["device"] = args.device
+            if "cuda_graphs" in option_names:
+                options["cuda_graphs"] = graphs
+            a = create_annotator(name, **options)
+            t0 = time.perf_counter()
+            a.setup()
+            load = round(time.perf_counter() - t0, 3)
+            calls = timed_calls(a, images, args.calls)
+            label = f"{name}{'' if graphs else ' (eager)'}"
+            result["calls"][label] = {"load_s": load, "calls_s": calls,
+                                      "first_extra_s": round(calls[0] - min(calls[1:]), 3)}
+            print(label, json.dumps(result["calls"][label]), flush=True)
+            del a
+            torch.cuda.empty_cache()
     print(json.dumps(result))
     return result
 

@@ -382,13 +382,13 @@ class ShardFn(beam.DoFn):
             yield GlobalWindows.windowed_value_at_end_of_window(summary)
 
     def teardown(self) -> None:
-        trace("shard_teardown")
-        self._abort_open()
+        global _EXIT_TRACED
         from pipelines.local_runner import fast_exit_at_interpreter_exit
 
+        trace("shard_teardown")
+        self._abort_open()
         # a local run's worker ends at once when its interpreter exits (it
         # traces process_exit itself)
-        global _EXIT_TRACED
         if not fast_exit_at_interpreter_exit() and tracing() and not _EXIT_TRACED:
             import atexit
 
@@ -603,7 +603,7 @@ def _start_warmup(gpu_index: int | None, annotators: list) -> "threading.Thread 
         return None
     import torch
 
-    from annotators._torch import PRECISIONS, resolve_device, start_device_warmup
+    from annotators._torch import resolve_device, resolve_precision, start_device_warmup
 
     if gpu_index is not None:
         device = torch.device(f"cuda:{gpu_index}")
@@ -615,8 +615,8 @@ def _start_warmup(gpu_index: int | None, annotators: list) -> "threading.Thread 
         if device.type != "cuda":
             return None
     # fp32 as well: some layers stay in fp32 at reduced precision (depth's head)
-    names = {a.params.get("precision") or "bf16" for a in neural} | {"fp32"}
-    dtypes = [PRECISIONS.get(n, torch.bfloat16) for n in sorted(names)]
+    dtypes = {resolve_precision(a.params.get("precision"), device) for a in neural} | {torch.float32}
+    dtypes = sorted(dtypes, key=str)
     return start_device_warmup(device, dtypes,
                                done=lambda seconds: trace("device_warm", seconds=round(seconds, 3)))
 

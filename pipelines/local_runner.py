@@ -118,7 +118,6 @@ def _stopping_together(original: Any) -> Any:
     def close_all(self: Any) -> None:
         _close_all_together(self, original)
 
-    close_all._controlset_original = original  # type: ignore[attr-defined]
     return close_all
 
 
@@ -142,13 +141,12 @@ def workers_stop_together() -> Iterator[bool]:
     """While active, a local runner's worker processes stop side by side
     when its pipeline ends (see the module's docstring). Yields whether the
     change is in place (False where this Beam version lacks the names)."""
-    global _PATCH_USERS, _ORIGINAL
+    global _PATCH_USERS, _ORIGINAL, _ENV_BEFORE
 
     names = _beam_names()
     if names is None:
         yield False
         return
-    global _ENV_BEFORE
     manager_cls = names[0]
     with _PATCH_LOCK:
         if _PATCH_USERS == 0:
