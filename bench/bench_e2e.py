@@ -345,6 +345,7 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     steady = steady_rate(out, workers)
     steady_workers, per_worker = steady_rate_per_worker(trace_file)
     commits = sorted(t.stat().st_mtime for t in out.glob("*.tar"))
+    shard_bytes = sum(t.stat().st_size for t in out.glob("*.tar"))
     steady_util = gpu.window(commits[workers - 1], commits[-1]) if len(commits) > workers else {}
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}
@@ -368,6 +369,8 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
         "mode": mode, "label": label, "code": code or "this checkout", "gpus": gpus or 1, "beam_args": beam_args,
         "workers_per_gpu": per_gpu if gpus else 1,
         "written": stats["written"], "failed": stats["failed"], "filtered": stats["filtered"],
+        # the shards' size on disk (a large run needs this much free space)
+        "shard_bytes": shard_bytes,
         # the whole `controlset annotate` process: interpreter start, imports,
         # Beam start-up, model loading, graph capture, every shard
         "process_seconds": round(wall, 2),
