@@ -184,7 +184,24 @@ class ProbeFn(beam.DoFn):
         if pool is not None:
             pool.shutdown(wait=False)
 
+    def start_bundle(self) -> None:
+        self._bundle_inputs, self._bundle_busy = 0, 0.0
+
+    def finish_bundle(self) -> None:
+        # where a run's planning time goes, per worker, in the trace; the
+        # seconds include the steps Beam fuses after the probe (keying)
+        if self._bundle_inputs:
+            trace("probe_bundle", inputs=self._bundle_inputs, busy_seconds=round(self._bundle_busy, 3))
+
     def process(self, group: tuple[InputRef, ...]) -> Iterable:
+        started = time.perf_counter()
+        try:
+            yield from self._probe_group(group)
+        finally:
+            self._bundle_inputs += len(group)
+            self._bundle_busy += time.perf_counter() - started
+
+    def _probe_group(self, group: tuple[InputRef, ...]) -> Iterable:
         def probe(ref: InputRef) -> list:
             return list(probe_input(ref, self.opts))
 

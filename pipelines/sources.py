@@ -186,9 +186,31 @@ def _sibling_captions(given: str, files: list[str]) -> list[str]:
     return sorted(w for w in wanted if os.path.isfile(w))
 
 
+def local_path(url: str) -> str | None:
+    """The file path of a local ``url`` (a plain path or ``file://``), else
+    None (any other protocol, or an fsspec chain such as ``simplecache::``)."""
+    if "::" in url:
+        return None
+    if "://" not in url:
+        return url
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    return None
+
+
+def open_binary(url: str):
+    """Open ``url`` for reading bytes: a local file directly, anything else
+    through fsspec. Resolving a URL through fsspec costs about 0.2 ms, as much
+    as reading a 100 KB JPEG from the page cache; the probe and decode stages
+    open every input, so local files skip it."""
+    path = local_path(url)
+    return open(path, "rb") if path is not None else fsspec.open(url, "rb")
+
+
 def read_bytes(url: str, max_bytes: int | None = None) -> bytes:
-    """Read a whole file through fsspec, refusing files over ``max_bytes``."""
-    with fsspec.open(url, "rb") as f:
+    """Read a whole file (local or through fsspec), refusing files over
+    ``max_bytes``."""
+    with open_binary(url) as f:
         if max_bytes is not None:
             data = f.read(max_bytes + 1)
             if len(data) > max_bytes:
@@ -208,7 +230,7 @@ def read_location(loc: Location, max_bytes: int | None = None) -> bytes:
         if loc.size is not None:  # a compressed tar's member left unread for its size
             raise FileTooLargeError(f"tar member of {loc.size} bytes was not read: over the size limit")
         return read_bytes(loc.url, max_bytes)
-    with fsspec.open(loc.url, "rb") as f:
+    with open_binary(loc.url) as f:
         f.seek(loc.offset)
         data = f.read(loc.size)
     if len(data) != loc.size:

@@ -490,11 +490,15 @@ def test_trace_writes_the_runs_timeline(photos_dir, tmp_path, monkeypatch):
     for first, then in [("run_start", "load_start"), ("load_start", "pipeline_start"),
                         ("imported", "pipeline_start"), ("imported", "loaded"),
                         ("run_start", "pipeline_start"), ("pipeline_start", "probe_setup"),
+                        ("probe_setup", "probe_bundle"), ("probe_bundle", "shard_start"),
                         ("probe_setup", "shard_setup"), ("shard_setup", "shard_start"),
                         ("shard_start", "shard_commit"), ("shard_commit", "finalize"),
                         ("finalize", "pipeline_done")]:
         assert events.index(first) < events.index(then), (first, then)
     assert sorted(r["annotator"] for r in rows if r["event"] == "loaded") == ["canny", "hough"]
+    probed = [r for r in rows if r["event"] == "probe_bundle"]
+    assert sum(r["inputs"] for r in probed) == stats["inputs"]
+    assert all(r["busy_seconds"] > 0 for r in probed)
     commits = [r for r in rows if r["event"] == "shard_commit"]
     assert len(commits) == stats["shards"] == len([e for e in events if e == "shard_start"])
     assert sum(r["written"] for r in commits) == stats["written"]

@@ -306,6 +306,38 @@ def test_fsspec_urls_in_and_out(tmp_path):
     assert fs.cat("/out2/shard-000000.tar") == data  # same content, same bytes
 
 
+def test_local_files_are_opened_directly_and_urls_through_fsspec(tmp_path, monkeypatch):
+    import fsspec
+
+    from pipelines import sources
+    from pipelines.sources import FileTooLargeError, Location, local_path, read_bytes, read_location
+
+    img = tmp_path / "a b.jpg"
+    data = jpeg_bytes(photo("coffee"))
+    img.write_bytes(data)
+    assert local_path(str(img)) == str(img)
+    assert local_path(f"file://{img}") == str(img)
+    assert local_path("memory://x/a.jpg") is None
+    assert local_path(f"simplecache::file://{img}") is None
+    fsspec.filesystem("memory").pipe("/direct/a.jpg", data)
+    opened = []
+    real_open = fsspec.open
+    monkeypatch.setattr(sources.fsspec, "open", lambda url, *a, **k: opened.append(url) or real_open(url, *a, **k))
+    # local paths and file:// URLs never reach fsspec; the same bytes and limits either way
+    for url in (str(img), f"file://{img}", "memory://direct/a.jpg"):
+        assert read_bytes(url) == data
+        assert read_bytes(url, len(data)) == data
+        with pytest.raises(FileTooLargeError):
+            read_bytes(url, len(data) - 1)
+    assert read_location(Location(f"file://{img}", offset=3, size=10)) == data[3:13]
+    assert read_location(Location("memory://direct/a.jpg", offset=3, size=10)) == data[3:13]
+    with pytest.raises(OSError, match="short read"):
+        read_location(Location(str(img), offset=len(data) - 4, size=10))
+    with pytest.raises(FileNotFoundError):
+        read_bytes(str(tmp_path / "missing.jpg"))
+    assert opened == ["memory://direct/a.jpg"] * 4
+
+
 def test_multiprocessing_runner_gives_identical_shards(photos_dir, tmp_path, monkeypatch):
     import json
 
