@@ -129,6 +129,7 @@ def cmd_annotate(args: argparse.Namespace, extra: list[str]) -> int:
             workers_per_gpu=args.workers_per_gpu,
             near_duplicates=args.near_duplicates,
             reduced_jpeg_decode=not args.full_jpeg_decode,
+            warm_batch=not args.no_warm_batch,
             io_threads=args.io_threads,
             gpu_threads=args.gpu_threads,
             cpu_threads=args.cpu_threads,
@@ -237,6 +238,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode every JPEG at full size (default: large JPEGs are decoded at 1/2, 1/4 or 1/8 "
                         "scale while their crop keeps at least twice the output's pixels per side; "
                         "several times faster, about 0.1 grey level apart on average)")
+    p.add_argument("--no-warm-batch", action="store_true",
+                   help="do not annotate a made-up batch on each GPU worker while the inputs are planned "
+                        "(by default it takes CUDA graph capture and first-call costs off the first real batch)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per pipeline batch (default: the largest annotator batch size, at most half a shard)")
     p.add_argument("--annotator-batch", action="append", metavar="NAME=N",

@@ -51,6 +51,10 @@ class AnnotateOptions:
     #: decode large JPEGs at a reduced DCT scale when their crop keeps at
     #: least twice the output's pixels per axis (pipelines.decode.DRAFT_GAP)
     reduced_jpeg_decode: bool = True
+    #: each worker annotates one made-up batch while the inputs are still
+    #: being planned, so CUDA graph capture and the networks' first calls do
+    #: not land on the first real batch (GPU annotators, centre crop only)
+    warm_batch: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ random) weights, batch-invariant, and clear about missing weights."""
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import json
 import os
 import subprocess
@@ -831,3 +832,122 @@ def test_shared_lock_lets_warm_ups_overlap_but_not_a_capture():
     assert log[start][1] == 0  # no warm-up inside the capture
     assert set(order[:start]) == {"warm0", "warm1", "warm2"}
     assert order[start + 1:] == ["capture-end", "warm9"]
+
+
+def _warm_opts(folder: str, device: str, **kw):
+    from pipelines.options import AnnotateOptions
+
+    return AnnotateOptions(inputs=("unused",), output="unused", resolution=64, shard_size=6, **kw,
+                           annotators=(("canny", {}), ("hed", {"weights": folder, "device": device}),
+                                       ("mlsd", {"weights": folder, "device": device})))
+
+
+def test_warm_batch_annotates_a_made_up_first_batch_with_the_gpu_annotators(weights_dir, tmp_path, monkeypatch,
+                                                                          caplog):
+    """The warm-up batch: the first batch's shape (the run's batch size, at
+    most a shard; ``resolution`` square), neural annotators only, traced; an
+    annotator that fails in it is a warning and is left to its first real
+    batch; none starts once a shard wants the models; not for ``--crop
+    none``. On the CPU a worker does not run it by itself."""
+    import threading
+
+    import pipelines.beam as pb
+
+    folder, _ = weights_dir
+    trace_file = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(pb, "_TRACE_FAILED", False)
+    monkeypatch.setenv(pb.TRACE_ENV, str(trace_file))
+    calls = []
+    real = pb.run_annotator
+
+    def spy(annotator, images, keys, batch_size=None):
+        calls.append((annotator.name, [im.shape for im in images], len(set(keys)), batch_size))
+        return real(annotator, images, keys, batch_size)
+
+    monkeypatch.setattr(pb, "run_annotator", spy)
+    opts = _warm_opts(folder, "cpu")
+    models = pb.LoadedAnnotators(opts, wanted=threading.Event())
+    assert calls == []  # the CPU needs no warming up
+    assert models.warm_batch(opts) == ["hed", "mlsd"]
+    n = min(pb.beam_batch_size(opts), opts.shard_size)
+    sizes = pb.annotator_batch_sizes(opts, models.annotators)
+    assert sorted(calls) == [(name, [(64, 64, 3)] * n, n, sizes[name]) for name in ("hed", "mlsd")]
+    events = [json.loads(line) for line in trace_file.read_text().splitlines()]
+    warm = [e for e in events if e["event"] == "warm_batch"]
+    assert len(warm) == 1 and warm[0]["images"] == n and warm[0]["seconds"] > 0
+    assert sorted(warm[0]["annotators"]) == ["hed", "mlsd"] and warm[0]["skipped"] == []
+    assert models.warm_batch(_warm_opts(folder, "cpu", crop="none")) == []
+    wanted = threading.Event()
+    wanted.set()
+    assert models.warm_batch(opts, stop=wanted) == []  # a shard is waiting: nothing starts
+    assert len(calls) == 2
+
+    def hed_breaks(annotator, *args, **kwargs):
+        if annotator.name == "hed":
+            raise RuntimeError("no device")
+        return real(annotator, *args, **kwargs)
+
+    monkeypatch.setattr(pb, "run_annotator", hed_breaks)
+    with caplog.at_level("WARNING", logger=pb.log.name):
+        assert models.warm_batch(opts) == ["mlsd"]
+    assert any("warm-up batch of hed failed (RuntimeError: no device)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_shard_taking_preloaded_models_stops_the_warm_up(weights_dir):
+    """``loaded_annotators`` tells the preload that a shard is waiting (its
+    warm-up batch starts no further annotator) and returns its models."""
+    import pipelines.beam as pb
+
+    folder, _ = weights_dir
+    opts = dataclasses.replace(_warm_opts(folder, "cpu"), run_id="warm-stop-test")
+    pb.preload_annotators(opts)
+    preload = pb._PRELOADS[pb._preload_key(opts)]
+    assert not preload.wanted.is_set()
+    try:
+        models = pb.loaded_annotators(opts)
+        assert preload.wanted.is_set() and models is preload.future.result()
+    finally:
+        pb.discard_preloads(opts.run_id)
+
+
+@pytest.mark.gpu
+def test_warm_batch_leaves_the_first_real_batch_only_replays(weights_dir):
+    """On a GPU a worker's models come with their graphs captured at the
+    first batch's shape: the first real batch captures nothing more, and its
+    outputs are those of models that were not warmed up."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import gc
+    import threading
+
+    import pipelines.beam as pb
+    from annotators._torch import GraphedForward
+    from pipelines.stages import Candidate, Decoded
+    from pipelines.sources import Location
+
+    def graphs() -> dict[int, GraphedForward]:
+        return {id(g): g for g in gc.get_objects() if isinstance(g, GraphedForward)}
+
+    folder, _ = weights_dir
+    opts = _warm_opts(folder, "cuda")
+    before = graphs()
+    warmed = pb.LoadedAnnotators(opts, wanted=threading.Event())  # loading ahead of the shards
+    mine = {k: g for k, g in graphs().items() if k not in before}  # the warmed models' forwards
+    cold = pb.LoadedAnnotators(_warm_opts(folder, "cuda", warm_batch=False))
+    n = min(pb.beam_batch_size(opts), opts.shard_size)
+    photo = cv2.resize(data.astronaut(), (64, 64), interpolation=cv2.INTER_AREA)
+    batch = [Decoded(Candidate(f"k{i}", "x", Location(""), "", None, 64, 64), np.roll(photo, i, axis=1),
+                     (0, 0, 64, 64), 1) for i in range(n)]
+    sizes = pb.annotator_batch_sizes(opts, warmed.annotators)
+    counts = {k: g.captured for k, g in mine.items()}
+    assert len(counts) >= 2 and all(c >= 1 for c in counts.values()), counts  # hed's and mlsd's, while loading
+    assert all(g.error is None for g in mine.values())
+    got = pb.annotate_decoded(batch, warmed.annotators, sizes, None, warmed.pool, warmed.gpu_pool)
+    assert {k: g.captured for k, g in mine.items()} == counts  # the first real batch only replays
+    want = pb.annotate_decoded(batch, cold.annotators, sizes, None, cold.pool, cold.gpu_pool)
+    for (_, g), (_, w) in zip(got, want):
+        for name in ("hed", "mlsd"):
+            for member, value in w[name].members.items():
+                if isinstance(value, np.ndarray):
+                    diff = np.abs(g[name].members[member].astype(int) - value.astype(int))
+                    assert diff.mean() <= 1.0, (name, member)
