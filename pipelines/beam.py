@@ -22,7 +22,7 @@ import logging
 import posixpath
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
 import fsspec
@@ -181,6 +181,7 @@ class ProbeFn(beam.DoFn):
                                         thread_name_prefix="controlset-probe")
 
     def teardown(self) -> None:
+        stop_warm_ups()
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False)
@@ -404,6 +405,7 @@ class ShardFn(beam.DoFn):
         from pipelines.local_runner import fast_exit_at_interpreter_exit
 
         trace("shard_teardown")
+        stop_warm_ups()
         self._abort_open()
         # a local run's worker ends at once when its interpreter exits (it
         # traces process_exit itself)
@@ -615,11 +617,11 @@ class LoadedAnnotators:
         if warmup is not None and opts.warm_batch and wanted is not None:
             if cancel is not None and cancel.is_set():
                 raise PreloadCancelled()
-            self.warm_batch(opts, stop=wanted)
+            self.warm_batch(opts, stop=(wanted,) if cancel is None else (wanted, cancel))
             if cancel is not None and cancel.is_set():
                 raise PreloadCancelled()
 
-    def warm_batch(self, opts: AnnotateOptions, stop: threading.Event | None = None) -> list[str]:
+    def warm_batch(self, opts: AnnotateOptions, stop: Sequence[threading.Event] = ()) -> list[str]:
         """Run each GPU annotator over one made-up batch of the run's first
         batch shape, on the threads real batches use, and drop the results;
         returns the names of the annotators warmed.
@@ -629,10 +631,12 @@ class LoadedAnnotators:
         batch of 250 images with every annotator took 8.6-9.1 s on an H200,
         later ones 3.4 s). Run while the planning stages are still probing
         the inputs (which on a large or remote input list outlasts model
-        loading), that work is off the first real batch. Once ``stop`` is set
-        (a shard is waiting for the models) no further annotator starts: the
-        rest warm up on the first real batch as before, so a short planning
-        stage costs at most the annotators already started. Only for the
+        loading), that work is off the first real batch. Annotators start one
+        by one as the GPU threads free up; once any ``stop`` event is set (a
+        shard is waiting for the models, or the run is ending) no further
+        annotator starts: the rest warm up on the first real batch as before,
+        so a short planning stage costs at most the annotators already
+        started (one per GPU thread). Only for the
         centre crop (every sample is ``resolution`` square, so the shapes are
         known). A failure costs only the warm-up: it is logged, and that
         annotator warms up on the first real batch."""
@@ -654,9 +658,16 @@ class LoadedAnnotators:
         gpu.sort(key=lambda a: any(d in names for d in a.run_after))
         started = time.perf_counter()
 
+        queue = list(gpu)
+        take = threading.Lock()
+
+        def next_annotator():
+            with take:
+                if not queue or any(e.is_set() for e in stop):
+                    return None
+                return queue.pop(0)
+
         def warm(a) -> str | None:
-            if stop is not None and stop.is_set():
-                return None
             try:
                 results = run_annotator(a, images, keys, sizes.get(a.name))
             except Exception as exc:  # an optimisation only
@@ -668,11 +679,20 @@ class LoadedAnnotators:
                 log.warning("warm-up batch of %s: %d of %d made-up images failed", a.name, failed, n)
             return a.name
 
+        def warm_in_turn() -> list[str]:
+            done = []
+            while (a := next_annotator()) is not None:
+                name = warm(a)
+                if name is not None:
+                    done.append(name)
+            return done
+
         if self.gpu_pool is not None:
-            done = [f.result() for f in [self.gpu_pool.submit(warm, a) for a in gpu]]
+            workers = min(getattr(self.gpu_pool, "_max_workers", 1), len(gpu))
+            threads = [self.gpu_pool.submit(warm_in_turn) for _ in range(workers)]
+            warmed = [name for t in threads for name in t.result()]
         else:
-            done = [warm(a) for a in gpu]
-        warmed = [name for name in done if name is not None]
+            warmed = warm_in_turn()
         trace("warm_batch", images=n, seconds=round(time.perf_counter() - started, 3), annotators=warmed,
               skipped=[a.name for a in gpu if a.name not in warmed])
         return warmed
@@ -811,6 +831,14 @@ def discard_preloads(run_id: str, wait: float = 30.0) -> None:
     for preload in preloads:
         preload.cancel.set()
         preload.thread.join(wait)
+
+
+def stop_warm_ups() -> None:
+    """No further annotator of this process starts a warm-up batch (a
+    worker being torn down: its GPU threads' work would hold up its exit)."""
+    with _PRELOAD_LOCK:
+        for preload in _PRELOADS.values():
+            preload.wanted.set()
 
 
 class PreloadCancelled(Exception):

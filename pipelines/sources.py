@@ -187,15 +187,15 @@ def _sibling_captions(given: str, files: list[str]) -> list[str]:
 
 
 def local_path(url: str) -> str | None:
-    """The file path of a local ``url`` (a plain path or ``file://``), else
-    None (any other protocol, or an fsspec chain such as ``simplecache::``)."""
-    if "::" in url:
-        return None
-    if "://" not in url:
-        return url
+    """The file path of a local ``url`` (a plain path, as discovery takes
+    anything without ``://`` to be, or ``file://``), else None (any other
+    protocol, or an fsspec chain such as ``simplecache::file://``)."""
     if url.startswith("file://"):
-        return url[len("file://"):]
-    return None
+        url = url[len("file://"):]
+    elif "://" in url:
+        return None
+    # as fsspec's local paths: a leading ~ is the home folder
+    return os.path.expanduser(url) if url.startswith("~") else url
 
 
 def open_binary(url: str):

@@ -879,7 +879,7 @@ def test_warm_batch_annotates_a_made_up_first_batch_with_the_gpu_annotators(weig
     assert models.warm_batch(_warm_opts(folder, "cpu", crop="none")) == []
     wanted = threading.Event()
     wanted.set()
-    assert models.warm_batch(opts, stop=wanted) == []  # a shard is waiting: nothing starts
+    assert models.warm_batch(opts, stop=(wanted,)) == []  # a shard is waiting: nothing starts
     assert len(calls) == 2
 
     def hed_breaks(annotator, *args, **kwargs):
@@ -891,6 +891,78 @@ def test_warm_batch_annotates_a_made_up_first_batch_with_the_gpu_annotators(weig
     with caplog.at_level("WARNING", logger=pb.log.name):
         assert models.warm_batch(opts) == ["mlsd"]
     assert any("warm-up batch of hed failed (RuntimeError: no device)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("gpu_threads", [1, 2])
+def test_warm_batch_starts_no_annotator_once_stopped(gpu_threads, weights_dir, monkeypatch):
+    """Annotators start their warm-up one by one as GPU threads free up: a
+    stop set during the first one leaves the annotators not yet started
+    (at most one per other GPU thread may already be running)."""
+    import threading
+
+    import pipelines.beam as pb
+
+    folder, _ = weights_dir
+    opts = dataclasses.replace(_warm_opts(folder, "cpu"), gpu_threads=gpu_threads, annotators=(
+        ("hed", {"weights": folder, "device": "cpu"}), ("mlsd", {"weights": folder, "device": "cpu"}),
+        ("openpose", {"weights": folder, "device": "cpu"})))
+    models = pb.LoadedAnnotators(opts)
+    assert (models.gpu_pool is not None) == (gpu_threads > 1)
+    stop = threading.Event()
+    started = []
+    real = pb.run_annotator
+
+    def first_stops(annotator, *args, **kwargs):
+        started.append(annotator.name)
+        stop.set()
+        return real(annotator, *args, **kwargs)
+
+    monkeypatch.setattr(pb, "run_annotator", first_stops)
+    warmed = models.warm_batch(opts, stop=(threading.Event(), stop))
+    assert warmed == started and warmed[0] == "hed" and len(warmed) <= gpu_threads
+    assert "openpose" not in warmed
+
+
+def test_warm_batch_runs_only_when_loading_ahead_on_a_gpu(weights_dir, monkeypatch):
+    """The constructor runs the warm-up batch only for models loaded ahead
+    of the shards (``wanted`` given), with a GPU being warmed up (faked
+    here: a finished thread) and ``warm_batch`` on; a teardown's
+    :func:`stop_warm_ups` and a cancelled preload stop it."""
+    import threading
+
+    import pipelines.beam as pb
+
+    folder, _ = weights_dir
+    ran = []
+    monkeypatch.setattr(pb.LoadedAnnotators, "warm_batch", lambda self, opts, stop=(): ran.append(stop) or [])
+
+    def fake_gpu_warmup(gpu_index, annotators):
+        t = threading.Thread(target=lambda: None)
+        t.start()
+        return t
+
+    opts = _warm_opts(folder, "cpu")
+    pb.LoadedAnnotators(opts, wanted=threading.Event())
+    assert ran == []  # no GPU
+    monkeypatch.setattr(pb, "_start_warmup", fake_gpu_warmup)
+    pb.LoadedAnnotators(opts)
+    pb.LoadedAnnotators(dataclasses.replace(opts, warm_batch=False), wanted=threading.Event())
+    assert ran == []  # loaded on demand, or turned off
+    wanted, cancel = threading.Event(), threading.Event()
+    pb.LoadedAnnotators(opts, cancel=cancel, wanted=wanted)
+    assert ran == [(wanted, cancel)]
+    # a preload's events: a shard taking the models, a teardown and discarding all stop it
+    run = dataclasses.replace(opts, run_id="warm-teardown-test")
+    pb.preload_annotators(run)
+    preload = pb._PRELOADS[pb._preload_key(run)]
+    try:
+        preload.future.result(120)
+        assert not preload.wanted.is_set()
+        pb.stop_warm_ups()
+        assert preload.wanted.is_set()
+    finally:
+        pb.discard_preloads(run.run_id)
+    assert preload.cancel.is_set() and ran[-1] == (preload.wanted, preload.cancel)
 
 
 def test_a_shard_taking_preloaded_models_stops_the_warm_up(weights_dir):

@@ -319,6 +319,12 @@ def test_local_files_are_opened_directly_and_urls_through_fsspec(tmp_path, monke
     assert local_path(f"file://{img}") == str(img)
     assert local_path("memory://x/a.jpg") is None
     assert local_path(f"simplecache::file://{img}") is None
+    assert local_path("s3://bucket/a.jpg") is None
+    odd = tmp_path / "a::b.jpg"  # found as a local file, so read as one
+    odd.write_bytes(data)
+    assert local_path(str(odd)) == str(odd) and read_bytes(str(odd)) == data
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert local_path("~/a b.jpg") == str(img) and read_bytes("~/a b.jpg") == data  # as fsspec reads it
     fsspec.filesystem("memory").pipe("/direct/a.jpg", data)
     opened = []
     real_open = fsspec.open
