@@ -779,3 +779,25 @@ def test_workers_per_gpu_is_for_local_runs(photos_dir, tmp_path):
     with pytest.raises(UsageError, match="local runs"):
         run_annotate(opts, ["--runner=DataflowRunner"])
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("flags, expected", [([], True), (["--no-warm-batch"], False)])
+def test_no_warm_batch_flag_reaches_the_options(flags, expected, tmp_path, monkeypatch):
+    """``--no-warm-batch`` turns the GPU workers' warm-up batch off; it is
+    on by default."""
+    import pipelines.run
+    from controlset.cli import main
+
+    seen = []
+
+    class Taken(Exception):
+        pass
+
+    def take(opts, extra):
+        seen.append(opts)
+        raise Taken
+
+    monkeypatch.setattr(pipelines.run, "run_annotate", take)
+    with pytest.raises(Taken):
+        main(["annotate", str(tmp_path), "-o", str(tmp_path / "out"), "--annotators", "canny", *flags])
+    assert len(seen) == 1 and seen[0].warm_batch is expected
