@@ -344,8 +344,9 @@ def run_mode(mode: str, args, work: Path, names: list[str], models: dict, code: 
     workers = max(1, gpus * per_gpu or args.processes or args.threads or 1)
     steady = steady_rate(out, workers)
     steady_workers, per_worker = steady_rate_per_worker(trace_file)
-    commits = sorted(t.stat().st_mtime for t in out.glob("*.tar"))
-    shard_bytes = sum(t.stat().st_size for t in out.glob("*.tar"))
+    tars = [t.stat() for t in out.glob("*.tar")]
+    commits = sorted(st.st_mtime for st in tars)
+    shard_bytes = sum(st.st_size for st in tars)
     steady_util = gpu.window(commits[workers - 1], commits[-1]) if len(commits) > workers else {}
     counters = stats.get("counters", {})
     ms = {k[3:]: v for k, v in counters.items() if k.startswith("ms_")}

@@ -33,7 +33,7 @@ from fsspec.core import url_to_fs
 from annotators import create_annotator, get_annotator_class
 from pipelines.finalize import finalize
 from pipelines.options import AnnotateOptions, default_threads
-from pipelines.sources import InputRef
+from pipelines.sources import InputRef, local_path
 from pipelines.stages import (
     Candidate,
     annotate_decoded,
@@ -43,6 +43,7 @@ from pipelines.stages import (
     gate_sample,
     near_duplicates,
     plan_digest,
+    gpu_start_order,
     probe_input,
     run_annotator,
     shard_boundaries,
@@ -136,9 +137,7 @@ PROBE_GROUP = 64
 
 
 def _is_remote(url: str) -> bool:
-    from fsspec.utils import get_protocol
-
-    return get_protocol(url) not in ("file", "local")
+    return local_path(url) is None
 
 
 def probe_groups(refs: list[InputRef]) -> list[tuple[InputRef, ...]]:
@@ -615,8 +614,6 @@ class LoadedAnnotators:
         # Only while loading ahead of the shards (``wanted``: a shard is
         # waiting for these models); models loaded on demand go straight to work.
         if warmup is not None and opts.warm_batch and wanted is not None:
-            if cancel is not None and cancel.is_set():
-                raise PreloadCancelled()
             self.warm_batch(opts, stop=(wanted,) if cancel is None else (wanted, cancel))
             if cancel is not None and cancel.is_set():
                 raise PreloadCancelled()
@@ -653,12 +650,8 @@ class LoadedAnnotators:
         image = np.stack([x * 255 // r, y * 255 // r, (x + y) * 255 // (2 * r)], axis=-1).astype(np.uint8)
         images, keys = [image] * n, [f"warm{i:06d}" for i in range(n)]
         sizes = annotator_batch_sizes(opts, self.annotators)
-        # as a real batch orders them: one reusing another's work goes last
-        names = {a.name for a in gpu}
-        gpu.sort(key=lambda a: any(d in names for d in a.run_after))
+        queue = gpu_start_order(gpu, self.annotators)
         started = time.perf_counter()
-
-        queue = list(gpu)
         take = threading.Lock()
 
         def next_annotator():

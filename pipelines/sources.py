@@ -188,12 +188,15 @@ def _sibling_captions(given: str, files: list[str]) -> list[str]:
 
 def local_path(url: str) -> str | None:
     """The file path of a local ``url`` (a plain path, as discovery takes
-    anything without ``://`` to be, or ``file://``), else None (any other
-    protocol, or an fsspec chain such as ``simplecache::file://``)."""
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url:
-        return None
+    anything without ``://`` to be, or ``file://`` / ``local://``), else None
+    (any other protocol, or an fsspec chain such as ``simplecache::file://``)."""
+    for prefix in ("file://", "local://"):
+        if url.startswith(prefix):
+            url = url[len(prefix):]
+            break
+    else:
+        if "://" in url:
+            return None
     # as fsspec's local paths: a leading ~ is the home folder
     return os.path.expanduser(url) if url.startswith("~") else url
 

@@ -405,6 +405,17 @@ def _run_chunk(annotator: Annotator, images: list, keys: list) -> list[Annotatio
         return [r for i in range(len(images)) for r in _run_chunk(annotator, images[i:i + 1], keys[i:i + 1])]
 
 
+def gpu_start_order(gpu: Sequence[Annotator], annotators: Sequence[Annotator],
+                    costs: dict[str, float] | None = None) -> list[Annotator]:
+    """The order ``gpu`` (annotators of the run ``annotators``) start a batch
+    in: one that reuses another's work (normal: depth's forward) goes last,
+    so that it finds that work done rather than waiting for it; otherwise
+    the costliest (``costs``: seconds so far) first."""
+    names = {a.name for a in annotators}
+    costs = costs or {}
+    return sorted(gpu, key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
+
+
 def annotate_decoded(
     batch: Sequence[Decoded],
     annotators: Sequence[Annotator],
@@ -460,12 +471,7 @@ def annotate_decoded(
     if pool is not None or gpu_pool is not None:
         if pool is not None:
             pending = {a.name: cpu_slices(a) for a in annotators if not a.uses_gpu}
-        gpu = [a for a in annotators if a.uses_gpu or pool is None]
-        # one that reuses another's work (normal: depth's forward) goes last,
-        # so that it finds that work done rather than waiting for it
-        names = {a.name for a in annotators}
-        costs = costs or {}
-        gpu.sort(key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
+        gpu = gpu_start_order([a for a in annotators if a.uses_gpu or pool is None], annotators, costs)
         if gpu_pool is not None:
             pending.update({a.name: [gpu_pool.submit(timed, a)] for a in gpu})
             done = {}

@@ -316,7 +316,7 @@ def test_local_files_are_opened_directly_and_urls_through_fsspec(tmp_path, monke
     data = jpeg_bytes(photo("coffee"))
     img.write_bytes(data)
     assert local_path(str(img)) == str(img)
-    assert local_path(f"file://{img}") == str(img)
+    assert local_path(f"file://{img}") == str(img) == local_path(f"local://{img}")
     assert local_path("memory://x/a.jpg") is None
     assert local_path(f"simplecache::file://{img}") is None
     assert local_path("s3://bucket/a.jpg") is None
