@@ -502,7 +502,8 @@ class ShardFn(beam.DoFn):
         spans: list | None = [] if tracing() else None
         with self.models.lock:
             annotated = iter(annotate_decoded(ok, self.annotators, self.batch_sizes, timings, self.models.pool,
-                                              self.models.gpu_pool, self.models.costs, spans))
+                                              self.models.gpu_pool, self.models.costs, spans,
+                                              self.models.rank))
             for ann_name, seconds in timings.items():
                 self.models.costs[ann_name] = self.models.costs.get(ann_name, 0.0) + seconds
         for ann_name, thread, start, end in spans or ():
@@ -551,6 +552,9 @@ class LoadedAnnotators:
         started = time.perf_counter()
         trace("load_start")
         gpu_index = claim_gpu(opts) if opts.gpus else None
+        #: place among the workers sharing the GPU (their batches start
+        #: the GPU annotators in different orders; see gpu_start_order)
+        self.rank = claimed_rank()
         self.annotators = []
         for name, options in opts.annotators:
             options = dict(options)
@@ -870,6 +874,13 @@ def _share_torch_threads(workers: int) -> None:
 
 
 _CLAIMED_GPU: int | None = None
+_CLAIMED_RANK = 0
+
+
+def claimed_rank() -> int:
+    """This worker's place among the workers sharing its GPU (0 for the
+    first, and where no GPU was claimed)."""
+    return _CLAIMED_RANK if _CLAIMED_GPU is not None else 0
 
 
 def claim_gpu(opts: AnnotateOptions) -> int:
@@ -877,8 +888,9 @@ def claim_gpu(opts: AnnotateOptions) -> int:
     ``opts.workers_per_gpu`` worker slots each, claimed through lock files
     under the system temp folder (one per slot), so no GPU gets more
     workers than asked. Slots go round the GPUs (slot ``i`` is GPU
-    ``i % gpus``): the first ``gpus`` workers each get a GPU of their own."""
-    global _CLAIMED_GPU
+    ``i % gpus``): the first ``gpus`` workers each get a GPU of their own.
+    The slot's rank on its GPU (``i // gpus``) is :func:`claimed_rank`."""
+    global _CLAIMED_GPU, _CLAIMED_RANK
     if _CLAIMED_GPU is not None:
         return _CLAIMED_GPU
     import os
@@ -893,7 +905,7 @@ def claim_gpu(opts: AnnotateOptions) -> int:
             continue
         os.write(fd, str(os.getpid()).encode())
         os.close(fd)
-        _CLAIMED_GPU = slot % opts.gpus
+        _CLAIMED_GPU, _CLAIMED_RANK = slot % opts.gpus, slot // opts.gpus
         return _CLAIMED_GPU
     raise RuntimeError(f"more worker processes than --gpus {opts.gpus} x --workers-per-gpu {opts.workers_per_gpu}; "
                        "every worker slot is taken")

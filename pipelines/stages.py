@@ -406,14 +406,53 @@ def _run_chunk(annotator: Annotator, images: list, keys: list) -> list[Annotatio
 
 
 def gpu_start_order(gpu: Sequence[Annotator], annotators: Sequence[Annotator],
-                    costs: dict[str, float] | None = None) -> list[Annotator]:
+                    costs: dict[str, float] | None = None, rank: int = 0, threads: int = 1) -> list[Annotator]:
     """The order ``gpu`` (annotators of the run ``annotators``) start a batch
     in: one that reuses another's work (normal: depth's forward) goes last,
     so that it finds that work done rather than waiting for it; otherwise
-    the costliest (``costs``: seconds so far) first."""
+    the costliest (``costs``: seconds so far) first.
+
+    ``rank`` is the worker's place among the worker processes sharing its
+    GPU. Their batches tend to start together, and two copies of the same
+    heavy network at once on one GPU slow each other more than two different
+    ones: a worker of rank ``r`` > 0 takes the rotation of that order whose
+    schedule on its ``threads`` GPU threads runs each network least at the
+    same time as it runs in ranks 0 .. r-1 (each annotator counting 1 while
+    no costs are known)."""
     names = {a.name for a in annotators}
     costs = costs or {}
-    return sorted(gpu, key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
+    order = sorted(gpu, key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
+    free = [a for a in order if not any(n in names for n in a.run_after)]
+    if rank <= 0 or len(free) < 2:
+        return order
+    weight = {a.name: max(costs.get(a.name, 0.0), 0.0) for a in free}
+    if not any(weight.values()):
+        weight = dict.fromkeys(weight, 1.0)
+    placed = [_schedule(free, weight, threads)]
+    for _ in range(rank):
+        best = None
+        for k in range(len(free)):
+            spans = _schedule(free[k:] + free[:k], weight, threads)
+            same = sum(max(0.0, min(end, other[n][1]) - max(start, other[n][0]))
+                       for other in placed for n, (start, end) in spans.items())
+            score = (round(same, 9), round(max(end for _, end in spans.values()), 9), k)
+            if best is None or score < best[0]:
+                best = (score, k, spans)
+        placed.append(best[2])
+    k = best[1]
+    return free[k:] + free[:k] + [a for a in order if a not in free]
+
+
+def _schedule(order: Sequence[Annotator], weight: dict[str, float], threads: int) -> dict[str, tuple[float, float]]:
+    """Each annotator's (start, end) when ``threads`` threads take ``order``
+    in turn, each annotator lasting ``weight[name]``."""
+    free_at = [0.0] * max(1, threads)
+    spans = {}
+    for a in order:
+        i = free_at.index(min(free_at))
+        spans[a.name] = (free_at[i], free_at[i] + weight[a.name])
+        free_at[i] = spans[a.name][1]
+    return spans
 
 
 def annotate_decoded(
@@ -425,6 +464,7 @@ def annotate_decoded(
     gpu_pool=None,
     costs: dict[str, float] | None = None,
     spans: list | None = None,
+    rank: int = 0,
 ) -> list[tuple[Decoded, dict[str, Annotation]] | FailureRecord]:
     """Run every annotator over a batch; one result per input, in order.
 
@@ -441,6 +481,8 @@ def annotate_decoded(
     ``timings`` accumulates seconds per annotator (summed over slices);
     ``spans``, when given, receives ``(annotator, thread, start, end)`` per
     call (epoch seconds), for timelines of where a batch's time goes.
+    ``rank``: the worker's place among those sharing its GPU (see
+    :func:`gpu_start_order`).
     """
     import threading
     import time
@@ -471,7 +513,8 @@ def annotate_decoded(
     if pool is not None or gpu_pool is not None:
         if pool is not None:
             pending = {a.name: cpu_slices(a) for a in annotators if not a.uses_gpu}
-        gpu = gpu_start_order([a for a in annotators if a.uses_gpu or pool is None], annotators, costs)
+        gpu = gpu_start_order([a for a in annotators if a.uses_gpu or pool is None], annotators, costs, rank,
+                              getattr(gpu_pool, "_max_workers", 1))
         if gpu_pool is not None:
             pending.update({a.name: [gpu_pool.submit(timed, a)] for a in gpu})
             done = {}

@@ -187,10 +187,12 @@ def test_gpu_claims_with_workers_sharing_a_gpu(tmp_path, monkeypatch, gpus, per_
     claims = []
     for _ in range(gpus * per_gpu):  # each as its own worker process
         monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
-        claims.append(pb.claim_gpu(opts))
-    # the first workers spread over the GPUs; then each GPU gets exactly per_gpu
-    assert sorted(claims[:gpus]) == list(range(gpus))
-    assert Counter(claims) == {g: per_gpu for g in range(gpus)}
+        claims.append((pb.claim_gpu(opts), pb.claimed_rank()))
+    # the first workers spread over the GPUs; then each GPU gets exactly per_gpu,
+    # ranked 0 .. per_gpu - 1 on it
+    assert sorted(g for g, _ in claims[:gpus]) == list(range(gpus))
+    assert Counter(g for g, _ in claims) == {g: per_gpu for g in range(gpus)}
+    assert sorted(claims) == [(g, r) for g in range(gpus) for r in range(per_gpu)]
     monkeypatch.setattr(pb, "_CLAIMED_GPU", None)
     with pytest.raises(RuntimeError, match="workers-per-gpu"):
         pb.claim_gpu(opts)
@@ -271,6 +273,42 @@ def test_gpu_annotators_start_costliest_first_and_reusers_last():
         started.clear()
         annotate_decoded(batch, anns, gpu_pool=gpu_pool)  # no costs yet: the given order, reusers last
         assert started == ["cheap", "costly", "middle", "late_reuser"]
+
+
+def test_workers_sharing_a_gpu_start_their_batches_out_of_step():
+    """A second worker on the GPU takes the rotation of the costliest-first
+    order that, on its GPU threads, runs each network least at the same time
+    as the first worker does (two copies of one heavy network at once slow
+    each other most). Costs: seconds per batch measured on an H200."""
+    from pipelines.stages import _schedule, gpu_start_order
+
+    costs = {"caption": 2.0, "seg": 1.5, "depth": 0.76, "mlsd": 0.6, "hed": 0.4, "openpose": 0.24, "normal": 0.1}
+
+    def ann(name, after=()):
+        return type(f"_A_{name}", (Annotator,), {"name": name, "members": (f"{name}.png",), "uses_gpu": True,
+                                                  "run_after": after})()
+
+    anns = [ann(n) for n in ("mlsd", "hed", "openpose", "depth", "seg", "caption")] + [ann("normal", ("depth",))]
+    names = lambda order: [a.name for a in order]  # noqa: E731
+    first = gpu_start_order(anns, anns, costs, rank=0, threads=2)
+    assert names(first) == ["caption", "seg", "depth", "mlsd", "hed", "openpose", "normal"]
+    second = gpu_start_order(anns, anns, costs, rank=1, threads=2)
+    assert sorted(names(second)) == sorted(names(first)) and names(second)[-1] == "normal"
+
+    def same_time(a, b):
+        sa, sb = _schedule(a[:-1], costs, 2), _schedule(b[:-1], costs, 2)
+        return sum(max(0.0, min(sa[n][1], sb[n][1]) - max(sa[n][0], sb[n][0])) for n in sa)
+
+    # in step, both run every network at once; the rotation less than half of that
+    assert same_time(first, first) == pytest.approx(sum(v for k, v in costs.items() if k != "normal"))
+    assert same_time(first, second) < 0.4 * same_time(first, first)
+    assert names(second)[:2] != names(first)[:2]
+    # a third worker avoids both; one worker alone, or one GPU annotator, keeps the order
+    third = gpu_start_order(anns, anns, costs, rank=2, threads=2)
+    assert names(third) not in (names(first), names(second))
+    assert names(gpu_start_order(anns[:1], anns, costs, rank=1, threads=2)) == ["mlsd"]
+    # before any cost is known each counts the same, and the ranks still differ
+    assert names(gpu_start_order(anns, anns, None, rank=1, threads=2)) != names(gpu_start_order(anns, anns))
 
 
 def test_batch_sizes_follow_the_device_and_the_shard(monkeypatch):
