@@ -57,11 +57,19 @@ def test_annotator_contract(name, weights_dir, images):
                 json.dumps(value)
             elif member == "txt":
                 assert isinstance(value, str)
-    # One image at a time gives the same result as the batch.
+    # One image at a time gives the same result as the batch: exactly for
+    # the CPU annotators; for networks up to a quantisation step on a few
+    # pixels, since float kernels sum in a batch-size-dependent order and a
+    # value at a rounding edge can land one level apart.
     single = annotator.annotate_batch(images[1:], keys[1:])[0]
     for member, value in out[1].members.items():
         if member.endswith(".png"):
-            np.testing.assert_array_equal(single.members[member], value)
+            if not cls.uses_gpu:
+                np.testing.assert_array_equal(single.members[member], value)
+                continue
+            diff = np.abs(single.members[member].astype(np.int64) - value.astype(np.int64))
+            assert diff.max() <= 1, member
+            assert np.count_nonzero(diff) <= max(1, diff.size // 1000), member
         else:
             assert single.members[member] == value
 
