@@ -421,10 +421,11 @@ def gpu_start_order(gpu: Sequence[Annotator], annotators: Sequence[Annotator],
     no costs are known)."""
     names = {a.name for a in annotators}
     costs = costs or {}
-    order = sorted(gpu, key=lambda a: (any(n in names for n in a.run_after), -costs.get(a.name, 0.0)))
-    free = [a for a in order if not any(n in names for n in a.run_after)]
+    order = sorted(gpu, key=lambda a: -costs.get(a.name, 0.0))
+    reusers = [a for a in order if any(n in names for n in a.run_after)]
+    free = [a for a in order if a not in reusers]
     if rank <= 0 or len(free) < 2:
-        return order
+        return free + reusers
     weight = {a.name: max(costs.get(a.name, 0.0), 0.0) for a in free}
     if not any(weight.values()):
         weight = dict.fromkeys(weight, 1.0)
@@ -440,7 +441,7 @@ def gpu_start_order(gpu: Sequence[Annotator], annotators: Sequence[Annotator],
                 best = (score, k, spans)
         placed.append(best[2])
     k = best[1]
-    return free[k:] + free[:k] + [a for a in order if a not in free]
+    return free[k:] + free[:k] + reusers
 
 
 def _schedule(order: Sequence[Annotator], weight: dict[str, float], threads: int) -> dict[str, tuple[float, float]]:
